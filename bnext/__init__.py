@@ -1,0 +1,23 @@
+"""bnext: fused batch-normalization kernels for PyTorch.
+
+Drop-in ``BatchNorm1d/2d/3d`` modules, a functional ``batch_norm`` with torch's
+signature, and model converters. All computation runs in bnext's own C++
+(and, where built, CUDA) kernels, registered as ``torch.ops.bnext.*``.
+"""
+
+from . import functional
+from ._ops import ops
+from .convert import convert_batchnorm, revert_batchnorm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "convert_batchnorm",
+    "revert_batchnorm",
+    "functional",
+    "ops",
+]

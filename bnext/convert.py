@@ -1,0 +1,65 @@
+"""Swap torch's BatchNorm modules for bnext's in a model, and back."""
+
+import torch
+
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__all__ = ["convert_batchnorm", "revert_batchnorm"]
+
+_TO_BNEXT = {
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+}
+_TO_TORCH = {v: k for k, v in _TO_BNEXT.items()}
+
+
+def _retyped(module: torch.nn.Module, cls: type) -> torch.nn.Module:
+    # A new object of class `cls` holding the very same Parameter and buffer
+    # objects (so optimizers keep working) and every other attribute: hooks,
+    # train/eval flag, device, dtype. Containers are copied so the old and
+    # new modules do not share dicts.
+    new = cls.__new__(cls)
+    new.__dict__ = {
+        k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()
+    }
+    return new
+
+
+def _swap(module: torch.nn.Module, table: dict, memo: dict) -> torch.nn.Module:
+    if id(module) in memo:  # a module used twice stays one module
+        return memo[id(module)]
+    cls = table.get(type(module))
+    out = _retyped(module, cls) if cls is not None else module
+    memo[id(module)] = out
+    for name, child in list(out._modules.items()):
+        if child is not None:
+            out._modules[name] = _swap(child, table, memo)
+    return out
+
+
+def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` with bnext's.
+
+    Only those exact classes are converted (not subclasses such as
+    ``SyncBatchNorm``). Parameters and buffers are the same objects as before,
+    so device, dtype, values and optimizer state carry over, as do the
+    train/eval flag and hooks. Children are replaced in place; the return
+    value is the converted root (a new object if ``module`` itself is a BN).
+
+    Args:
+        module: any ``torch.nn.Module``.
+
+    Returns:
+        The module with bnext BatchNorm layers.
+    """
+    return _swap(module, _TO_BNEXT, {})
+
+
+def revert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Inverse of :func:`convert_batchnorm`: bnext BatchNorm back to torch's.
+
+    Same guarantees: shared Parameter/buffer objects, flags and hooks kept,
+    children replaced in place, converted root returned.
+    """
+    return _swap(module, _TO_TORCH, {})

@@ -1,0 +1,112 @@
+"""Functional batch normalization on bnext's kernels.
+
+``batch_norm`` has exactly the signature and semantics of
+``torch.nn.functional.batch_norm``.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._checks import check_batch_norm_args
+from ._ops import ops
+
+__all__ = ["batch_norm"]
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Batch normalization over the channel dimension of an ``(N, C, *)`` input.
+
+    Same contract as :func:`torch.nn.functional.batch_norm` (Ioffe & Szegedy,
+    2015, "Batch Normalization: Accelerating Deep Network Training by Reducing
+    Internal Covariate Shift"), computed by bnext's kernels.
+
+    With ``training=True`` each channel is normalized by its batch mean and
+    biased variance, :math:`y = \gamma (x - \mu) / \sqrt{\sigma^2 + \epsilon}
+    + \beta`, and, when given, ``running_mean``/``running_var`` are updated in
+    place: ``running = (1 - momentum) * running + momentum * batch``, using the
+    *unbiased* batch variance. With ``training=False`` the running statistics
+    normalize and nothing is updated.
+
+    Args:
+        input: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or
+            ``(N, C, D, H, W)``; float32, float64, float16 or bfloat16; any
+            strides (contiguous and channels_last are processed natively). The
+            output has the input's dtype and torch's output memory format
+            (channels_last stays channels_last).
+        running_mean, running_var: ``(C,)`` or None (then batch statistics are
+            used and nothing is tracked). Must both be None or both be given.
+        weight, bias: ``(C,)`` affine parameters, or None.
+            All per-channel tensors share one dtype: the input's, or float32
+            when the input is float16/bfloat16 (mixed precision).
+        training: use batch statistics and update the running ones.
+        momentum: weight of the new batch in the running average.
+        eps: added to the variance for numerical stability; > 0 in training.
+
+    Returns:
+        Tensor of the input's shape and dtype.
+
+    Raises:
+        ValueError: input with fewer than 2 dims; a training batch with one
+            value per channel; a bad ``eps``; only one of the running stats.
+        RuntimeError: a per-channel tensor whose size is not C, on another
+            device, or of an unsupported dtype; eval without running stats.
+        NotImplementedError: a non-floating input dtype.
+
+    Statistics are accumulated in float32 (float64 for float64 input) with a
+    shifted, chunked Welford/Chan scheme. Errors are raised before any buffer
+    is modified.
+    """
+    return _batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, None
+    )
+
+
+def _batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    num_batches_tracked: Optional[Tensor],
+) -> Tensor:
+    """Shared by the functional API and the modules.
+
+    ``num_batches_tracked``, when given in training, is incremented in place
+    after validation. ``momentum=None`` then means a cumulative average with
+    factor ``1 / num_batches_tracked``, computed inside the update op so that
+    no Python float is read from a tensor (torch.compile-friendly).
+    """
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    if not training:
+        return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    output, save_mean, _, unbiased_var = ops.batch_norm_train(input, weight, bias, eps)
+    # An empty batch has no statistics: torch leaves the running stats as they are.
+    if running_mean is not None and input.numel() > 0:
+        if momentum is None and num_batches_tracked is None:
+            momentum = 0.0  # torch's factor when nothing is counted
+        ops.update_running_stats(
+            running_mean,
+            running_var,
+            save_mean,
+            unbiased_var,
+            momentum,
+            num_batches_tracked if momentum is None else None,
+        )
+    return output

@@ -1,0 +1,26 @@
+// Argument validation shared by every backend. Error types follow torch's
+// batch_norm: ValueError for shape/eps misuse, RuntimeError for mismatched
+// parameters, NotImplementedError for non-floating dtypes.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace bnext {
+
+// Validates input against the per-channel tensors that are present. Throws
+// before any kernel runs, so a rejected call mutates nothing.
+void check_batch_norm_args(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var);
+
+// Memory format of the outputs, following torch's CPU batch norm:
+// suggest_memory_format() for 4-D/5-D input, contiguous otherwise.
+at::MemoryFormat output_memory_format(const at::Tensor& input);
+
+// Accumulation dtype: float64 for float64 input, float32 otherwise.
+at::ScalarType acc_dtype(at::ScalarType input_dtype);
+
+}  // namespace bnext

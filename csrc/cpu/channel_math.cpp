@@ -1,0 +1,108 @@
+#include "channel_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+
+#include <cmath>
+
+namespace bnext::cpu {
+
+namespace {
+
+// Applies fn(i) -> value over C channels, producing a new acc tensor like `like`.
+template <typename Fn>
+at::Tensor map_channels(const at::Tensor& like, Fn&& fn) {
+  at::Tensor out = at::empty_like(like);
+  AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "bnext_channel_math", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < like.numel(); ++i) {
+      o[i] = static_cast<scalar_t>(fn.template operator()<scalar_t>(i));
+    }
+  });
+  return out;
+}
+
+template <typename T>
+const T* cptr(const at::Tensor& t) {
+  return t.const_data_ptr<T>();
+}
+
+}  // namespace
+
+at::Tensor channel_param(
+    const std::optional<at::Tensor>& t,
+    int64_t channels,
+    at::ScalarType acc,
+    double fill) {
+  if (t.has_value() && t->defined()) {
+    return t->to(acc).contiguous().view({channels});
+  }
+  return at::full({channels}, fill, at::TensorOptions().dtype(acc));
+}
+
+at::Tensor invstd_from_var(const at::Tensor& var, double eps) {
+  return map_channels(var, [&]<typename T>(int64_t i) {
+    return T(1) / std::sqrt(cptr<T>(var)[i] + static_cast<T>(eps));
+  });
+}
+
+at::Tensor unbiased_from_biased(const at::Tensor& var, int64_t n) {
+  // n == 1 gives 0/0 = NaN, as torch's kernels do.
+  const double scale = static_cast<double>(n) / static_cast<double>(n - 1);
+  return map_channels(var, [&]<typename T>(int64_t i) {
+    return static_cast<T>(static_cast<double>(cptr<T>(var)[i]) * scale);
+  });
+}
+
+at::Tensor channel_mul(const at::Tensor& a, const at::Tensor& b) {
+  return map_channels(a, [&]<typename T>(int64_t i) {
+    return cptr<T>(a)[i] * cptr<T>(b)[i];
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> train_grad_input_coeffs(
+    const at::Tensor& w,
+    const at::Tensor& invstd,
+    const at::Tensor& sum_dy,
+    const at::Tensor& sum_dy_xmu,
+    int64_t n) {
+  const double inv_n = 1.0 / static_cast<double>(n);
+  // dx = w * invstd * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
+  at::Tensor a = map_channels(w, [&]<typename T>(int64_t i) {
+    return cptr<T>(w)[i] * cptr<T>(invstd)[i];
+  });
+  at::Tensor b = map_channels(w, [&]<typename T>(int64_t i) {
+    const T is = cptr<T>(invstd)[i];
+    return -cptr<T>(w)[i] * is * is * is * cptr<T>(sum_dy_xmu)[i] *
+        static_cast<T>(inv_n);
+  });
+  at::Tensor c = map_channels(w, [&]<typename T>(int64_t i) {
+    return -cptr<T>(w)[i] * cptr<T>(invstd)[i] * cptr<T>(sum_dy)[i] *
+        static_cast<T>(inv_n);
+  });
+  return {a, b, c};
+}
+
+void update_running(
+    at::Tensor& running_mean,
+    at::Tensor& running_var,
+    const at::Tensor& batch_mean,
+    const at::Tensor& batch_unbiased_var,
+    double factor) {
+  const at::Tensor rm = running_mean.to(batch_mean.scalar_type()).contiguous();
+  const at::Tensor rv = running_var.to(batch_mean.scalar_type()).contiguous();
+  at::Tensor new_mean = map_channels(batch_mean, [&]<typename T>(int64_t i) {
+    return (1.0 - factor) * static_cast<double>(cptr<T>(rm)[i]) +
+        factor * static_cast<double>(cptr<T>(batch_mean)[i]);
+  });
+  at::Tensor new_var = map_channels(batch_mean, [&]<typename T>(int64_t i) {
+    return (1.0 - factor) * static_cast<double>(cptr<T>(rv)[i]) +
+        factor * static_cast<double>(cptr<T>(batch_unbiased_var)[i]);
+  });
+  running_mean.copy_(new_mean.view(running_mean.sizes()));
+  running_var.copy_(new_var.view(running_var.sizes()));
+}
+
+}  // namespace bnext::cpu

@@ -1,0 +1,107 @@
+// How a (N, C, *) tensor is walked per channel on the CPU, and the two
+// parallel drivers (reduction and elementwise) every kernel is built from.
+//
+// A dense tensor is one of two layouts:
+//  - planar (NCHW-like): N planes of S contiguous elements per channel;
+//  - channels-inner (NHWC-like, and every (N, C) input): N*S rows of C
+//    contiguous channels.
+// Kernels walk either layout natively; nothing is transposed.
+#pragma once
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace bnext::cpu {
+
+struct ChannelLayout {
+  int64_t N = 0;
+  int64_t C = 0;
+  int64_t S = 0;  // product of the spatial sizes
+  bool channels_inner = false;
+
+  int64_t rows() const { return N * S; }
+  int64_t count() const { return N * S; }  // elements per channel
+};
+
+// `x` must already be dense in output_memory_format(x).
+ChannelLayout make_layout(const at::Tensor& x);
+
+// Elements one task touches at a time: small enough that a chunk read twice
+// (two-pass chunk statistics) stays in L1/L2.
+constexpr int64_t kChunkElems = 4096;
+// Below this many elements per task, threads cost more than they save.
+constexpr int64_t kGrainElems = 32768;
+
+// Reduction driver. Every thread gets its own slot `tid` in
+// [0, at::get_num_threads()), so per-thread partial results need no locks
+// and the combine order is fixed (deterministic for a given thread count).
+//   planar:          run(tid, c, offset, len)  — len contiguous elements of
+//                    channel c, len <= kChunkElems
+//   channels-inner:  rows(tid, offset, nrows)  — nrows full rows of C
+template <typename RunFn, typename RowsFn>
+void parallel_reduce_chunks(const ChannelLayout& L, RunFn&& run, RowsFn&& rows) {
+  if (L.N == 0 || L.S == 0 || L.C == 0) {
+    return;
+  }
+  if (!L.channels_inner) {
+    const int64_t chunks_per_plane = (L.S + kChunkElems - 1) / kChunkElems;
+    // Task index t = (c * N + n) * chunks_per_plane + k: channel-major, so a
+    // thread's range covers few channels and its partials stay hot.
+    const int64_t tasks = L.C * L.N * chunks_per_plane;
+    const int64_t grain =
+        std::max<int64_t>(1, kGrainElems / std::min(L.S, kChunkElems));
+    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+      const int tid = at::get_thread_num();
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t k = t % chunks_per_plane;
+        const int64_t plane = t / chunks_per_plane;
+        const int64_t c = plane / L.N;
+        const int64_t n = plane % L.N;
+        const int64_t start = k * kChunkElems;
+        const int64_t len = std::min(kChunkElems, L.S - start);
+        run(tid, c, (n * L.C + c) * L.S + start, len);
+      }
+    });
+  } else {
+    const int64_t block = std::clamp<int64_t>(kChunkElems / L.C, 4, 1024);
+    const int64_t blocks = (L.rows() + block - 1) / block;
+    const int64_t grain =
+        std::max<int64_t>(1, kGrainElems / (block * L.C));
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      const int tid = at::get_thread_num();
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t r0 = b * block;
+        const int64_t nrows = std::min(block, L.rows() - r0);
+        rows(tid, r0 * L.C, nrows);
+      }
+    });
+  }
+}
+
+// Elementwise driver with the same two shapes of work:
+//   planar:          run(c, offset, len)
+//   channels-inner:  rows(offset, nrows)
+template <typename RunFn, typename RowsFn>
+void parallel_elementwise(const ChannelLayout& L, RunFn&& run, RowsFn&& rows) {
+  if (L.N == 0 || L.S == 0 || L.C == 0) {
+    return;
+  }
+  if (!L.channels_inner) {
+    const int64_t planes = L.N * L.C;
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / L.S);
+    at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        run(p % L.C, p * L.S, L.S);
+      }
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / L.C);
+    at::parallel_for(0, L.rows(), grain, [&](int64_t begin, int64_t end) {
+      rows(begin * L.C, end - begin);
+    });
+  }
+}
+
+}  // namespace bnext::cpu

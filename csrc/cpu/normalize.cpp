@@ -1,0 +1,68 @@
+// out = (x - mean) * alpha + beta. Subtracting the mean before scaling keeps
+// the result accurate when |mean| >> std (x - mean is exact there), at the
+// cost of one extra subtraction in a memory-bound loop.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include "kernels.h"
+#include "layout.h"
+
+namespace bnext::cpu {
+
+namespace {
+
+template <typename scalar_t>
+void normalize_impl(
+    const at::Tensor& x,
+    const at::Tensor& mean_t,
+    const at::Tensor& alpha_t,
+    const at::Tensor& beta_t,
+    at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const ChannelLayout L = make_layout(x);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+  const acc_t* mean = mean_t.const_data_ptr<acc_t>();
+  const acc_t* alpha = alpha_t.const_data_ptr<acc_t>();
+  const acc_t* beta = beta_t.const_data_ptr<acc_t>();
+  const int64_t C = L.C;
+
+  parallel_elementwise(
+      L,
+      [&](int64_t c, int64_t offset, int64_t len) {
+        const acc_t m = mean[c], a = alpha[c], b = beta[c];
+        const scalar_t* xi = xp + offset;
+        scalar_t* yi = yp + offset;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+          yi[i] = static_cast<scalar_t>((static_cast<acc_t>(xi[i]) - m) * a + b);
+        }
+      },
+      [&](int64_t offset, int64_t nrows) {
+        for (int64_t r = 0; r < nrows; ++r) {
+          const scalar_t* xi = xp + offset + r * C;
+          scalar_t* yi = yp + offset + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            yi[c] = static_cast<scalar_t>(
+                (static_cast<acc_t>(xi[c]) - mean[c]) * alpha[c] + beta[c]);
+          }
+        }
+      });
+}
+
+}  // namespace
+
+void normalize(
+    const at::Tensor& x,
+    const at::Tensor& mean,
+    const at::Tensor& alpha,
+    const at::Tensor& beta,
+    at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_normalize", [&] {
+        normalize_impl<scalar_t>(x, mean, alpha, beta, out);
+      });
+}
+
+}  // namespace bnext::cpu

@@ -1,0 +1,197 @@
+// CPU implementations of the bnext ops: argument checks, layout choice and
+// the sequence of passes. The loops themselves live in stats.cpp,
+// normalize.cpp and backward.cpp.
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "channel_math.h"
+#include "kernels.h"
+
+namespace bnext::cpu {
+
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+int64_t per_channel_count(const Tensor& input) {
+  return input.size(1) == 0 ? 0 : input.numel() / input.size(1);
+}
+
+Tensor empty_output(const Tensor& input, at::MemoryFormat fmt) {
+  return at::empty(input.sizes(), input.options().memory_format(fmt));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train(
+    const Tensor& input,
+    const optional<Tensor>& weight,
+    const optional<Tensor>& bias,
+    double eps) {
+  check_batch_norm_args(input, weight, bias, std::nullopt, std::nullopt);
+  TORCH_CHECK_VALUE(
+      eps > 0.0, "batch_norm eps must be positive during training, but got ",
+      eps);
+  const at::MemoryFormat fmt = output_memory_format(input);
+  const Tensor x = input.contiguous(fmt);
+  const int64_t C = input.size(1);
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+
+  auto [mean, var] = batch_stats(x);
+  Tensor invstd = invstd_from_var(var, eps);
+  Tensor unbiased = unbiased_from_biased(var, per_channel_count(input));
+  const Tensor alpha = channel_mul(invstd, channel_param(weight, C, acc, 1.0));
+  const Tensor beta = channel_param(bias, C, acc, 0.0);
+
+  Tensor out = empty_output(input, fmt);
+  normalize(x, mean, alpha, beta, out);
+  return {out, mean, invstd, unbiased};
+}
+
+Tensor batch_norm_eval(
+    const Tensor& input,
+    const Tensor& running_mean,
+    const Tensor& running_var,
+    const optional<Tensor>& weight,
+    const optional<Tensor>& bias,
+    double eps) {
+  check_batch_norm_args(input, weight, bias, running_mean, running_var);
+  TORCH_CHECK_VALUE(
+      eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
+  const at::MemoryFormat fmt = output_memory_format(input);
+  const Tensor x = input.contiguous(fmt);
+  const int64_t C = input.size(1);
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+
+  const Tensor mean = channel_param(running_mean, C, acc, 0.0);
+  const Tensor invstd =
+      invstd_from_var(channel_param(running_var, C, acc, 1.0), eps);
+  const Tensor alpha = channel_mul(invstd, channel_param(weight, C, acc, 1.0));
+  const Tensor beta = channel_param(bias, C, acc, 0.0);
+
+  Tensor out = empty_output(input, fmt);
+  normalize(x, mean, alpha, beta, out);
+  return out;
+}
+
+void update_running_stats(
+    Tensor& running_mean,
+    Tensor& running_var,
+    const Tensor& save_mean,
+    const Tensor& unbiased_var,
+    optional<double> momentum,
+    const optional<Tensor>& num_batches_tracked) {
+  const int64_t C = save_mean.numel();
+  TORCH_CHECK(
+      running_mean.numel() == C, "running_mean should contain ", C,
+      " elements not ", running_mean.numel());
+  TORCH_CHECK(
+      running_var.numel() == C, "running_var should contain ", C,
+      " elements not ", running_var.numel());
+  TORCH_CHECK(
+      unbiased_var.numel() == C, "unbiased_var should contain ", C,
+      " elements not ", unbiased_var.numel());
+  double factor = 0.0;
+  if (momentum.has_value()) {
+    factor = *momentum;
+  } else {
+    TORCH_CHECK(
+        num_batches_tracked.has_value() && num_batches_tracked->defined() &&
+            num_batches_tracked->numel() == 1,
+        "update_running_stats: momentum=None (cumulative average) needs a "
+        "one-element num_batches_tracked");
+    const int64_t count = num_batches_tracked->item<int64_t>();
+    TORCH_CHECK(
+        count > 0, "update_running_stats: num_batches_tracked must be "
+        "positive for a cumulative average, got ", count);
+    factor = 1.0 / static_cast<double>(count);
+  }
+  const at::ScalarType acc = save_mean.scalar_type();
+  update_running(
+      running_mean, running_var, save_mean.to(acc).contiguous(),
+      unbiased_var.to(acc).contiguous(), factor);
+}
+
+std::tuple<optional<Tensor>, optional<Tensor>, optional<Tensor>>
+batch_norm_backward(
+    const Tensor& grad_output,
+    const Tensor& input,
+    const optional<Tensor>& weight,
+    const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var,
+    const optional<Tensor>& save_mean,
+    const optional<Tensor>& save_invstd,
+    bool train,
+    double eps,
+    std::array<bool, 3> output_mask) {
+  check_batch_norm_args(input, weight, std::nullopt, std::nullopt, std::nullopt);
+  TORCH_CHECK(
+      grad_output.sizes() == input.sizes(), "grad_output has size ",
+      grad_output.sizes(), " but input has size ", input.sizes());
+  TORCH_CHECK(
+      grad_output.scalar_type() == input.scalar_type(),
+      "grad_output dtype ", grad_output.scalar_type(),
+      " does not match input dtype ", input.scalar_type());
+  const at::MemoryFormat fmt = output_memory_format(input);
+  const Tensor x = input.contiguous(fmt);
+  const Tensor dy = grad_output.contiguous(fmt);
+  const int64_t C = input.size(1);
+  const int64_t n = per_channel_count(input);
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+
+  Tensor mean, invstd;
+  if (train) {
+    TORCH_CHECK(
+        save_mean.has_value() && save_invstd.has_value(),
+        "batch_norm_backward: train=True needs save_mean and save_invstd");
+    mean = channel_param(save_mean, C, acc, 0.0);
+    invstd = channel_param(save_invstd, C, acc, 1.0);
+  } else {
+    TORCH_CHECK(
+        running_mean.has_value() && running_var.has_value(),
+        "batch_norm_backward: train=False needs running_mean and running_var");
+    mean = channel_param(running_mean, C, acc, 0.0);
+    invstd = invstd_from_var(channel_param(running_var, C, acc, 1.0), eps);
+  }
+  const Tensor w = channel_param(weight, C, acc, 1.0);
+  const bool has_weight = weight.has_value() && weight->defined();
+  const at::ScalarType param_dtype = has_weight ? weight->scalar_type() : acc;
+
+  const bool need_sums =
+      output_mask[1] || output_mask[2] || (train && output_mask[0]);
+  Tensor sum_dy, sum_dy_xmu;
+  if (need_sums) {
+    std::tie(sum_dy, sum_dy_xmu) = backward_reduce(dy, x, mean);
+  }
+
+  optional<Tensor> grad_input, grad_weight, grad_bias;
+  if (output_mask[0]) {
+    Tensor dx = empty_output(input, fmt);
+    if (train) {
+      auto [a, b, c] = train_grad_input_coeffs(w, invstd, sum_dy, sum_dy_xmu, n);
+      backward_elementwise(dy, x, mean, a, b, c, /*use_x=*/true, dx);
+    } else {
+      const Tensor a = channel_mul(w, invstd);
+      backward_elementwise(dy, x, mean, a, a, a, /*use_x=*/false, dx);
+    }
+    grad_input = dx;
+  }
+  if (output_mask[1]) {
+    grad_weight = channel_mul(sum_dy_xmu, invstd).to(param_dtype);
+  }
+  if (output_mask[2]) {
+    grad_bias = sum_dy.to(param_dtype);
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnext, CPU, m) {
+  m.impl("batch_norm_train", &batch_norm_train);
+  m.impl("batch_norm_eval", &batch_norm_eval);
+  m.impl("update_running_stats", &update_running_stats);
+  m.impl("batch_norm_backward", &batch_norm_backward);
+}
+
+}  // namespace bnext::cpu

@@ -1,0 +1,42 @@
+// The single place where bnext's operator schemas are declared.
+// Backends register kernels with TORCH_LIBRARY_IMPL(bnext, <Key>, m); Python
+// registers fake kernels and autograd formulas (bnext/_ops.py).
+//
+// Why the training forward is split from the running-stat update:
+// torch.library.register_autograd refuses ops that mutate their inputs, so the
+// differentiable op is functional and the in-place update is a separate op
+// with no autograd of its own (its inputs are non-differentiable statistics).
+#include <torch/library.h>
+
+TORCH_LIBRARY(bnext, m) {
+  // Batch statistics + normalization + affine in one op.
+  // save_mean/save_invstd/unbiased_var are per-channel, in float32 (float64
+  // for float64 input); unbiased_var feeds update_running_stats so that the
+  // running variance never has to be recovered from invstd (lossy near eps).
+  m.def(
+      "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, float eps) "
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor unbiased_var)");
+
+  // Normalization with given running statistics (inference).
+  m.def(
+      "batch_norm_eval(Tensor input, Tensor running_mean, Tensor running_var, "
+      "Tensor? weight, Tensor? bias, float eps) -> Tensor");
+
+  // running = (1 - f) * running + f * batch, with f = momentum, or
+  // f = 1 / num_batches_tracked when momentum is None (cumulative average).
+  // Reading num_batches_tracked on the device keeps the op free of host syncs
+  // and of data-dependent guards under torch.compile.
+  m.def(
+      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "Tensor save_mean, Tensor unbiased_var, float? momentum, "
+      "Tensor? num_batches_tracked) -> ()");
+
+  // Same contract as aten::native_batch_norm_backward: train=True uses
+  // save_mean/save_invstd, train=False uses running_mean/running_var and eps.
+  // Outputs whose output_mask entry is false are None.
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, "
+      "Tensor? running_mean, Tensor? running_var, Tensor? save_mean, "
+      "Tensor? save_invstd, bool train, float eps, bool[3] output_mask) "
+      "-> (Tensor?, Tensor?, Tensor?)");
+}

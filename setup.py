@@ -1,0 +1,63 @@
+"""Builds bnext._C with torch.utils.cpp_extension.
+
+CPU sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built. CUDA sources
+(csrc/cuda/*.cu) are added when the installed torch has CUDA and nvcc is
+found; set BNEXT_FORCE_CPU=1 to skip them anyway.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+try:
+    from torch.utils import cpp_extension
+except ImportError as e:  # isolated build, or torch not installed yet
+    raise SystemExit(
+        "bnext builds against the installed torch: install torch first "
+        "(e.g. `pip install torch==2.13.0`), then run "
+        "`pip install --no-build-isolation -e .`"
+    ) from e
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda():
+    import torch
+
+    if os.environ.get("BNEXT_FORCE_CPU", "0") == "1":
+        return False
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _extension():
+    cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    # at::parallel_for expands to `#pragma omp parallel` in our own object
+    # files, so OpenMP must be on here; libgomp resolves to the copy torch
+    # already loaded (same soname).
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
+    if _want_cuda() and cuda_sources:
+        return cpp_extension.CUDAExtension(
+            "bnext._C",
+            cpu_sources + cuda_sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DBNEXT_WITH_CUDA"], "nvcc": ["-O3"]},
+            extra_link_args=link_flags,
+        )
+    return cpp_extension.CppExtension(
+        "bnext._C",
+        cpu_sources,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
