@@ -1,0 +1,57 @@
+"""Shared helpers: reference comparisons against torch."""
+
+import torch
+
+# (input dtype, parameter dtype): all-in-one-dtype and the mixed-precision case.
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+]
+
+
+def dtype_id(pair):
+    i, p = pair
+    short = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+    return short[i] if i == p else f"{short[i]}-{short[p]}params"
+
+
+def reference_dtype(dtype):
+    """dtype in which torch computes the reference for inputs of `dtype`.
+
+    For float16/bfloat16 the reference is torch evaluated on the same values
+    upcast to float32, then rounded to the low dtype. torch's all-bfloat16 CPU
+    path rounds its intermediate statistics to bfloat16 and is about twice as
+    far from the exact result as bnext (which keeps statistics in float32), so
+    comparing against it directly would test torch's rounding, not semantics.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def assert_close(actual, expected, **kw):
+    """torch.testing.assert_close at the default tolerances of `actual`'s dtype,
+    after rounding `expected` (a reference, possibly computed in higher
+    precision) to that dtype."""
+    if isinstance(expected, torch.Tensor) and expected.dtype != actual.dtype:
+        expected = expected.to(actual.dtype)
+    torch.testing.assert_close(actual, expected, **kw)
+
+
+def make_input(shape, layout, dtype, device):
+    """A tensor of `shape` in the requested memory layout.
+
+    layout: "contiguous", "channels_last" (4-D/5-D only), or "strided", a
+    non-contiguous view (every other element of a wider last dimension).
+    """
+    if layout == "contiguous":
+        return torch.randn(shape, device=device).to(dtype)
+    if layout == "channels_last":
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        return torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt)
+    if layout == "strided":
+        wide = list(shape[:-1]) + [shape[-1] * 2]
+        return torch.randn(wide, device=device).to(dtype)[..., ::2]
+    raise ValueError(layout)

@@ -1,0 +1,157 @@
+"""bnext modules against torch.nn.BatchNorm*: outputs, every gradient,
+running stats and num_batches_tracked over several train steps, then eval."""
+
+import copy
+import pytest
+import torch
+
+import bnext
+from helpers import DTYPES, assert_close, dtype_id, make_input, reference_dtype
+
+# (bnext class, torch class, input shape, layout)
+CASES = [
+    (bnext.BatchNorm1d, torch.nn.BatchNorm1d, (16, 6), "contiguous"),
+    (bnext.BatchNorm1d, torch.nn.BatchNorm1d, (8, 6), "strided"),
+    (bnext.BatchNorm1d, torch.nn.BatchNorm1d, (4, 6, 9), "contiguous"),
+    (bnext.BatchNorm1d, torch.nn.BatchNorm1d, (4, 6, 9), "strided"),
+    (bnext.BatchNorm2d, torch.nn.BatchNorm2d, (4, 6, 5, 7), "contiguous"),
+    (bnext.BatchNorm2d, torch.nn.BatchNorm2d, (4, 6, 5, 7), "channels_last"),
+    (bnext.BatchNorm2d, torch.nn.BatchNorm2d, (3, 6, 4, 5), "strided"),
+    (bnext.BatchNorm3d, torch.nn.BatchNorm3d, (2, 6, 3, 4, 5), "contiguous"),
+    (bnext.BatchNorm3d, torch.nn.BatchNorm3d, (2, 6, 3, 4, 5), "channels_last"),
+]
+
+# (affine, track_running_stats, momentum, bias)
+CONFIGS = [
+    (True, True, 0.1, True),
+    (True, True, None, True),
+    (False, True, 0.3, True),
+    (True, False, 0.1, True),
+    (True, True, 0.1, False),
+    (False, False, 0.1, True),
+]
+
+
+def case_id(case):
+    cls, _, shape, layout = case
+    return f"{cls.__name__}-{'x'.join(map(str, shape))}-{layout}"
+
+
+def config_id(cfg):
+    affine, track, momentum, bias = cfg
+    return f"affine{int(affine)}-track{int(track)}-mom{momentum}-bias{int(bias)}"
+
+
+def _pair(bnext_cls, torch_cls, cfg, in_dtype, param_dtype, device):
+    """bnext module in (in_dtype, param_dtype) and the torch reference module
+    with the same values, in reference_dtype(in_dtype) when that is wider."""
+    affine, track, momentum, bias = cfg
+    ours = bnext_cls(6, momentum=momentum, affine=affine, track_running_stats=track,
+                     bias=bias, device=device, dtype=param_dtype)
+    if affine:
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5)
+            if ours.bias is not None:
+                ours.bias.uniform_(-0.5, 0.5)
+    ref = bnext.revert_batchnorm(copy.deepcopy(ours))
+    assert type(ref) is torch_cls
+    ref_dtype = reference_dtype(in_dtype)
+    if ref_dtype != in_dtype:
+        ref = ref.to(ref_dtype)
+    return ours, ref
+
+
+def _params(m):
+    return [p for p in (m.weight, m.bias) if p is not None]
+
+
+def _step(ours, ref, x, dy):
+    ref_dtype = reference_dtype(x.dtype)
+    xo = x.detach().clone().requires_grad_(True)
+    xr = x.detach().to(ref_dtype).requires_grad_(True)
+    yo = ours(xo)
+    yr = ref(xr)
+    assert yo.dtype == x.dtype and yo.shape == yr.shape
+    assert yo.stride() == yr.stride(), "output memory format differs from torch"
+    assert_close(yo, yr)
+    yo.backward(dy)
+    yr.backward(dy.to(ref_dtype))
+    assert_close(xo.grad, xr.grad)
+    for po, pr in zip(_params(ours), _params(ref)):
+        assert_close(po.grad, pr.grad)
+        po.grad = None
+        pr.grad = None
+
+
+def _buffers_match(ours, ref):
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        a, b = getattr(ours, name), getattr(ref, name)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close(a, b)
+            # A wider reference keeps unrounded buffers; continue from ours so
+            # each step is checked on its own rather than on drift from
+            # storing the buffers in bfloat16/float16.
+            with torch.no_grad():
+                b.copy_(a)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("dtypes", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_module_matches_torch(case, dtypes, cfg, device):
+    bnext_cls, torch_cls, shape, layout = case
+    in_dtype, param_dtype = dtypes
+    ours, ref = _pair(bnext_cls, torch_cls, cfg, in_dtype, param_dtype, device)
+
+    for _ in range(3):
+        x = make_input(shape, layout, in_dtype, device) * 2 + 0.5
+        dy = torch.randn(shape, device=device).to(in_dtype)
+        _step(ours, ref, x, dy)
+        _buffers_match(ours, ref)
+
+    ours.eval()
+    ref.eval()
+    x = make_input(shape, layout, in_dtype, device)
+    dy = torch.randn(shape, device=device).to(in_dtype)
+    _step(ours, ref, x, dy)
+    _buffers_match(ours, ref)
+
+
+# Eval without running stats is an error case, covered in test_bad_input.
+MODES = [(True, True), (True, False), (False, True)]
+
+
+@pytest.mark.parametrize("training,with_stats", MODES, ids=["train", "train-nostats", "eval"])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("with_affine", [True, False], ids=["affine", "noaffine"])
+def test_functional_matches_torch(dtypes, training, with_stats, with_affine, device):
+    in_dtype, param_dtype = dtypes
+    x = make_input((5, 4, 6, 3), "channels_last", in_dtype, device)
+    stats = lambda: (torch.randn(4, device=device).to(param_dtype),  # noqa: E731
+                     torch.rand(4, device=device).to(param_dtype) + 0.5)
+    rm, rv = stats() if with_stats else (None, None)
+    rm2, rv2 = (rm.clone(), rv.clone()) if with_stats else (None, None)
+    w = torch.rand(4, device=device).to(param_dtype).requires_grad_(True) if with_affine else None
+    b = torch.randn(4, device=device).to(param_dtype).requires_grad_(True) if with_affine else None
+    ref_dtype = reference_dtype(in_dtype)
+    up = lambda t: None if t is None else t.detach().to(ref_dtype).requires_grad_(t.requires_grad)  # noqa: E731
+    xo = x.clone().requires_grad_(True)
+    xr, wr, br = up(x).requires_grad_(True), up(w), up(b)
+    rm2, rv2 = up(rm2), up(rv2)
+    yo = bnext.functional.batch_norm(xo, rm, rv, w, b, training, 0.2, 1e-3)
+    yr = torch.nn.functional.batch_norm(xr, rm2, rv2, wr, br, training, 0.2, 1e-3)
+    assert yo.dtype == in_dtype
+    assert_close(yo, yr)
+    assert yo.stride() == yr.stride()
+    if with_stats:
+        assert_close(rm, rm2)
+        assert_close(rv, rv2)
+    dy = torch.randn(x.shape, device=device).to(in_dtype)
+    inputs_o = [xo] + ([w, b] if with_affine else [])
+    inputs_r = [xr] + ([wr, br] if with_affine else [])
+    grads_o = torch.autograd.grad(yo, inputs_o, dy)
+    grads_r = torch.autograd.grad(yr, inputs_r, dy.to(ref_dtype))
+    for go, gr, t in zip(grads_o, grads_r, inputs_o):
+        assert go.dtype == t.dtype
+        assert_close(go, gr)
