@@ -1,0 +1,1 @@
+"""bnext benchmark harness: ``python -m benchmarks.bench --help``."""

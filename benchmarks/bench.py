@@ -1,0 +1,279 @@
+"""Benchmark bnext's batch norm against torch's, eager and compiled.
+
+    python -m benchmarks.bench                      # CPU, batch 32, fp32 + bf16
+    python -m benchmarks.bench --quick              # a fast smoke run
+    python -m benchmarks.bench --device cuda        # batch 256
+
+For each shape, layout (NCHW, channels_last), dtype and mode (training
+forward, forward+backward, eval) the implementations run interleaved in one
+process: a plain copy of the tensor, torch.nn.BatchNorm* eager, the same
+module under torch.compile, and bnext. Each repeat times every implementation
+once with torch.utils.benchmark; the table reports medians over repeats, the
+speedup over torch, time in "copies" (time / time of the plain copy) and the
+effective bandwidth over the minimum bytes a streaming kernel must move
+(training forward 3S, forward+backward 3S + 5S, eval 2S, S = tensor bytes).
+
+Writes a JSON file (machine, versions, every row) and a PNG plot.
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.utils.benchmark as tbench
+from tqdm import tqdm
+
+import bnext
+from benchmarks.shapes import shape_set
+
+MODES = ("fwd", "fwdbwd", "eval")
+# Minimum bytes a streaming implementation moves, in units of the tensor size.
+PASSES = {"fwd": 3, "fwdbwd": 8, "eval": 2}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def machine_info(device):
+    info = {
+        "device": device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "bnext": bnext.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                            text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True).stdout.strip()
+        except OSError:
+            pass
+    return info
+
+
+def _module_classes(ndim):
+    if ndim <= 3:
+        return torch.nn.BatchNorm1d, bnext.BatchNorm1d
+    return (torch.nn.BatchNorm2d, bnext.BatchNorm2d) if ndim == 4 else (torch.nn.BatchNorm3d, bnext.BatchNorm3d)
+
+
+def make_input(shape, layout, dtype, device):
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+def build_impls(shape, layout, dtype, mode, device, with_compile):
+    """name -> zero-argument callable for one (shape, layout, dtype, mode)."""
+    torch_cls, _ = _module_classes(len(shape))
+    C = shape[1]
+    # Parameters in float32 for half inputs: the mixed-precision (AMP) setup.
+    pdtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    ref = torch_cls(C, device=device, dtype=pdtype)
+    models = {"torch": ref, "bnext": bnext.convert_batchnorm(copy.deepcopy(ref))}
+    if with_compile:
+        models["torch.compile"] = torch.compile(copy.deepcopy(ref))
+    x = make_input(shape, layout, dtype, device)
+    out = torch.empty_like(x)
+    dy = make_input(shape, layout, dtype, device)
+    impls = {"copy": lambda: out.copy_(x)}
+    for name, m in models.items():
+        if mode == "eval":
+            m.eval()
+
+            def run(m=m):
+                with torch.no_grad():
+                    return m(x)
+        elif mode == "fwd":
+            def run(m=m):
+                return m(x)
+        else:
+            xg = x.detach().requires_grad_(True)
+            params = [xg] + [p for p in m.parameters()]
+
+            def run(m=m, xg=xg, params=params):
+                return torch.autograd.grad(m(xg), params, dy)
+        impls[name] = run
+    return impls, x
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_case(impls, repeats, min_time, device):
+    """Median seconds per call for every implementation, interleaved."""
+    for fn in impls.values():  # warm-up (and compilation)
+        for _ in range(3):
+            fn()
+    _sync(device)
+    timers, numbers = {}, {}
+    for name, fn in impls.items():
+        timers[name] = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        once = timers[name].timeit(1).median
+        numbers[name] = max(1, int(min_time / max(once, 1e-7)))
+    samples = {name: [] for name in impls}
+    for _ in range(repeats):
+        for name in impls:
+            samples[name].append(timers[name].timeit(numbers[name]).median)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def run(args):
+    device = args.device
+    batch = args.batch or (32 if device == "cpu" else 256)
+    shapes = shape_set(batch)
+    if args.quick:
+        shapes = [shapes[i] for i in (1, 10, 12, 13, 14)]
+    if args.shapes:
+        shapes = [s for s in shapes if any(k in s[0] for k in args.shapes.split(","))]
+    cases = []
+    for name, shape in shapes:
+        for layout in args.layouts.split(","):
+            if layout == "channels_last" and len(shape) < 4:
+                continue
+            for dt in args.dtypes.split(","):
+                for mode in args.modes.split(","):
+                    cases.append((name, shape, layout, dt, mode))
+
+    rows = []
+    for name, shape, layout, dt, mode in tqdm(cases, desc="benchmark", unit="case", file=sys.stderr):
+        impls, x = build_impls(shape, layout, DTYPES[dt], mode, device, not args.no_compile)
+        t = time_case(impls, args.repeats, args.min_time, device)
+        nbytes = x.numel() * x.element_size()
+        row = {"case": name, "shape": list(shape), "layout": layout, "dtype": dt, "mode": mode,
+               "bytes": nbytes, "ms": {k: v * 1e3 for k, v in t.items()}}
+        row["speedup_vs_torch"] = t["torch"] / t["bnext"]
+        if "torch.compile" in t:
+            row["speedup_vs_compile"] = t["torch.compile"] / t["bnext"]
+        row["copies"] = {k: v / t["copy"] for k, v in t.items() if k != "copy"}
+        row["copy_GBps"] = 2 * nbytes / t["copy"] / 1e9
+        row["bnext_effective_GBps"] = PASSES[mode] * nbytes / t["bnext"] / 1e9
+        rows.append(row)
+        del impls, x
+    return rows
+
+
+def geomean(values):
+    values = list(values)
+    return float(torch.tensor(values, dtype=torch.float64).log().mean().exp()) if values else float("nan")
+
+
+def print_table(rows, out=sys.stdout):
+    has_compile = any("torch.compile" in r["ms"] for r in rows)
+    head = (f"{'case':<24} {'layout':<13} {'dtype':<5} {'mode':<7} {'copy ms':>8} {'torch ms':>9} "
+            + (f"{'compile ms':>10} " if has_compile else "")
+            + f"{'bnext ms':>9} {'vs torch':>8} " + (f"{'vs comp':>8} " if has_compile else "")
+            + f"{'copies':>7} {'torch cp':>8} {'GB/s':>6}")
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    for r in rows:
+        ms = r["ms"]
+        print(f"{r['case']:<24} {r['layout']:<13} {r['dtype']:<5} {r['mode']:<7} {ms['copy']:>8.3f} "
+              f"{ms['torch']:>9.3f} " + (f"{ms['torch.compile']:>10.3f} " if has_compile else "")
+              + f"{ms['bnext']:>9.3f} {r['speedup_vs_torch']:>7.2f}x "
+              + (f"{r['speedup_vs_compile']:>7.2f}x " if has_compile else "")
+              + f"{r['copies']['bnext']:>7.2f} {r['copies']['torch']:>8.2f} {r['bnext_effective_GBps']:>6.1f}",
+              file=out)
+    print(file=out)
+    for dt in sorted({r["dtype"] for r in rows}):
+        for mode in MODES:
+            sel = [r for r in rows if r["dtype"] == dt and r["mode"] == mode]
+            if not sel:
+                continue
+            line = (f"geomean {dt} {mode:<7}: {geomean(r['speedup_vs_torch'] for r in sel):.2f}x vs torch, "
+                    f"slowest {min(r['speedup_vs_torch'] for r in sel):.2f}x")
+            if has_compile:
+                line += f", {geomean(r['speedup_vs_compile'] for r in sel):.2f}x vs torch.compile"
+            print(line, file=out)
+
+
+def plot(rows, path, info):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r["dtype"] for r in rows})
+    fig, axes = plt.subplots(len(dtypes), len(MODES), figsize=(6 * len(MODES), 4.5 * len(dtypes)),
+                             squeeze=False)
+    for i, dt in enumerate(dtypes):
+        for j, mode in enumerate(MODES):
+            ax = axes[i][j]
+            sel = [r for r in rows if r["dtype"] == dt and r["mode"] == mode]
+            cases = list(dict.fromkeys(r["case"] for r in sel))
+            for k, layout in enumerate(("contiguous", "channels_last")):
+                pts = {r["case"]: r for r in sel if r["layout"] == layout}
+                xs = [n + (k - 0.5) * 0.38 for n, c in enumerate(cases) if c in pts]
+                ax.bar(xs, [pts[c]["speedup_vs_torch"] for c in cases if c in pts], width=0.38,
+                       label=f"bnext vs torch, {layout}")
+                xs_c = [n + (k - 0.5) * 0.38 for n, c in enumerate(cases) if c in pts and "speedup_vs_compile" in pts[c]]
+                ax.plot(xs_c, [pts[c]["speedup_vs_compile"] for c in cases if c in pts and "speedup_vs_compile" in pts[c]],
+                        "k.", label=f"bnext vs torch.compile" if k == 0 else None)
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_xticks(range(len(cases)))
+            ax.set_xticklabels([c.replace("resnet50 ", "") for c in cases], rotation=70, fontsize=7)
+            ax.set_yscale("log")
+            ax.set_title(f"{dt} {mode}")
+            ax.set_ylabel("speedup (x)")
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle(f"bnext vs torch batch norm: {info.get('gpu') or info.get('cpu')}, "
+                 f"{info['threads']} threads, torch {info['torch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="bnext vs torch batch-norm benchmark")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch", type=int, default=None, help="default: 32 on CPU, 256 on CUDA")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--layouts", default="contiguous,channels_last")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--shapes", default="", help="comma-separated substrings of case names to keep")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--min-time", type=float, default=0.05, help="seconds per timed sample")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--quick", action="store_true", help="5 shapes only")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>.json)")
+    p.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
+    args = p.parse_args(argv)
+
+    info = machine_info(args.device)
+    rows = run(args)
+    print_table(rows)
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{args.device}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"machine": info, "args": vars(args), "results": rows}, f, indent=1)
+    png = args.plot or os.path.splitext(out)[0] + ".png"
+    plot(rows, png, info)
+    print(f"wrote {out} and {png}")
+
+
+if __name__ == "__main__":
+    main()
