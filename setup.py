@@ -3,6 +3,12 @@
 CPU sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built. CUDA sources
 (csrc/cuda/*.cu) are added when the installed torch has CUDA and nvcc is
 found; set BNEXT_FORCE_CPU=1 to skip them anyway.
+
+The CPU kernels use at::vec::Vectorized, whose width is fixed at compile
+time. By default the build targets the widest instruction set the *building*
+machine has among DEFAULT and AVX2 (+FMA, F16C); BNEXT_CPU_CAPABILITY=
+default|avx2|avx512 overrides it. bnext is built from source where it runs,
+so this is safe; a binary built with AVX2 will not run on a CPU without it.
 """
 
 import glob
@@ -34,13 +40,37 @@ def _want_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+_CAPABILITY_FLAGS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-mbmi2", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-mbmi2", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
+
+
+def _cpu_capability():
+    cap = os.environ.get("BNEXT_CPU_CAPABILITY", "auto").lower()
+    if cap != "auto":
+        if cap not in _CAPABILITY_FLAGS:
+            raise SystemExit(f"BNEXT_CPU_CAPABILITY must be one of {sorted(_CAPABILITY_FLAGS)} or auto")
+        return cap
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(l for l in f if l.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "default"
+    return "avx2" if {"avx2", "fma", "f16c", "bmi2"} <= flags else "default"
+
+
 def _extension():
     cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     # at::parallel_for expands to `#pragma omp parallel` in our own object
     # files, so OpenMP must be on here; libgomp resolves to the copy torch
     # already loaded (same soname).
-    cxx_flags = ["-O3", "-fopenmp"]
+    capability = _cpu_capability()
+    print(f"bnext: building CPU kernels for {capability}")
+    cxx_flags = ["-O3", "-fopenmp"] + _CAPABILITY_FLAGS[capability]
     link_flags = ["-fopenmp"]
     if _want_cuda() and cuda_sources:
         return cpp_extension.CUDAExtension(

@@ -2,10 +2,10 @@
 // the result accurate when |mean| >> std (x - mean is exact there), at the
 // cost of one extra subtraction in a memory-bound loop.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 
 #include "kernels.h"
 #include "layout.h"
+#include "vec_io.h"
 
 namespace bnext::cpu {
 
@@ -18,7 +18,13 @@ void normalize_impl(
     const at::Tensor& alpha_t,
     const at::Tensor& beta_t,
     at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using V = typename IO::V;
+  constexpr int P = IO::kParts;
+  constexpr int64_t K = IO::kStep;
+  constexpr int64_t W = V::size();
+
   const ChannelLayout L = make_layout(x);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = out.mutable_data_ptr<scalar_t>();
@@ -31,10 +37,17 @@ void normalize_impl(
       L,
       [&](int64_t c, int64_t offset, int64_t len) {
         const acc_t m = mean[c], a = alpha[c], b = beta[c];
+        const V vm(m), va(a), vb(b);
         const scalar_t* xi = xp + offset;
         scalar_t* yi = yp + offset;
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
+        int64_t i = 0;
+        for (; i + K <= len; i += K) {
+          V v[P];
+          IO::load(xi + i, v);
+          for (int j = 0; j < P; ++j) v[j] = at::vec::fmadd(v[j] - vm, va, vb);
+          IO::store(yi + i, v);
+        }
+        for (; i < len; ++i) {
           yi[i] = static_cast<scalar_t>((static_cast<acc_t>(xi[i]) - m) * a + b);
         }
       },
@@ -42,8 +55,18 @@ void normalize_impl(
         for (int64_t r = 0; r < nrows; ++r) {
           const scalar_t* xi = xp + offset + r * C;
           scalar_t* yi = yp + offset + r * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
+          int64_t c = 0;
+          for (; c + K <= C; c += K) {
+            V v[P];
+            IO::load(xi + c, v);
+            for (int j = 0; j < P; ++j) {
+              const int64_t cj = c + j * W;
+              v[j] = at::vec::fmadd(
+                  v[j] - V::loadu(mean + cj), V::loadu(alpha + cj), V::loadu(beta + cj));
+            }
+            IO::store(yi + c, v);
+          }
+          for (; c < C; ++c) {
             yi[c] = static_cast<scalar_t>(
                 (static_cast<acc_t>(xi[c]) - mean[c]) * alpha[c] + beta[c]);
           }

@@ -1,10 +1,11 @@
-// Batch statistics: one pass over memory. Each chunk (a run of one channel,
-// or a block of rows) is small enough to be read twice from cache: once for
-// its shifted sum, once for its M2 around the chunk mean. Chunks then merge
-// with Chan's formula. Shifting by the chunk's first value keeps the float32
-// sums small even when |mean| >> std, so the variance stays accurate.
+// Batch statistics in one pass over memory. Each chunk (a run of one
+// channel, or a block of rows) is small enough to be read twice from L1/L2:
+// once for an approximate centre c, once for S1 = sum(x - c) and
+// S2 = sum((x - c)^2). The chunk's exact M2 is S2 - S1^2 / n (the corrected
+// two-pass formula, Bjorck 1996): c is within rounding of the chunk mean,
+// so nothing cancels even when |mean| >> std. Chunks then merge with Chan's
+// parallel Welford formula in double.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
@@ -13,11 +14,137 @@
 #include "../checks.h"
 #include "kernels.h"
 #include "layout.h"
+#include "vec_io.h"
 #include "welford.h"
 
 namespace bnext::cpu {
 
 namespace {
+
+// Summary of one chunk relative to its centre.
+struct ChunkMoments {
+  double center, s1, s2;
+  void merge_into(WelfordStat& w, int64_t n) const {
+    const double dn = static_cast<double>(n);
+    const double m2 = s2 - s1 * s1 / dn;
+    // Clamp rounding below zero, but let NaN through: it must reach the
+    // running variance of its own channel.
+    w.merge(n, center + s1 / dn, m2 < 0.0 ? 0.0 : m2);
+  }
+};
+
+// Contiguous run of one channel.
+template <typename scalar_t>
+ChunkMoments run_moments(const scalar_t* p, int64_t len) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using V = typename IO::V;
+  constexpr int P = IO::kParts;
+  constexpr int64_t K = IO::kStep;
+
+  V sum[P];
+  for (int j = 0; j < P; ++j) sum[j] = V(acc_t(0));
+  int64_t i = 0;
+  for (; i + K <= len; i += K) {
+    V v[P];
+    IO::load(p + i, v);
+    for (int j = 0; j < P; ++j) sum[j] = sum[j] + v[j];
+  }
+  acc_t total = 0;
+  for (int j = 0; j < P; ++j) total += hsum(sum[j]);
+  for (; i < len; ++i) total += static_cast<acc_t>(p[i]);
+  const acc_t center = total / static_cast<acc_t>(len);
+
+  const V vc(center);
+  V s1[P], s2[P];
+  for (int j = 0; j < P; ++j) {
+    s1[j] = V(acc_t(0));
+    s2[j] = V(acc_t(0));
+  }
+  for (i = 0; i + K <= len; i += K) {
+    V v[P];
+    IO::load(p + i, v);
+    for (int j = 0; j < P; ++j) {
+      const V d = v[j] - vc;
+      s1[j] = s1[j] + d;
+      s2[j] = at::vec::fmadd(d, d, s2[j]);
+    }
+  }
+  acc_t t1 = 0, t2 = 0;
+  for (int j = 0; j < P; ++j) {
+    t1 += hsum(s1[j]);
+    t2 += hsum(s2[j]);
+  }
+  for (; i < len; ++i) {
+    const acc_t d = static_cast<acc_t>(p[i]) - center;
+    t1 += d;
+    t2 += d * d;
+  }
+  return {static_cast<double>(center), static_cast<double>(t1), static_cast<double>(t2)};
+}
+
+// Block of `nrows` rows of C channels. Column blocks of K channels are the
+// outer loop so the accumulators live in registers across the rows.
+template <typename scalar_t>
+void rows_moments(
+    const scalar_t* p,
+    int64_t nrows,
+    int64_t C,
+    WelfordStat* out) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using V = typename IO::V;
+  constexpr int P = IO::kParts;
+  constexpr int64_t K = IO::kStep;
+  const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(nrows);
+
+  int64_t c0 = 0;
+  for (; c0 + K <= C; c0 += K) {
+    V sum[P];
+    for (int j = 0; j < P; ++j) sum[j] = V(acc_t(0));
+    for (int64_t r = 0; r < nrows; ++r) {
+      V v[P];
+      IO::load(p + r * C + c0, v);
+      for (int j = 0; j < P; ++j) sum[j] = sum[j] + v[j];
+    }
+    V center[P], s1[P], s2[P];
+    for (int j = 0; j < P; ++j) {
+      center[j] = sum[j] * V(inv_rows);
+      s1[j] = V(acc_t(0));
+      s2[j] = V(acc_t(0));
+    }
+    for (int64_t r = 0; r < nrows; ++r) {
+      V v[P];
+      IO::load(p + r * C + c0, v);
+      for (int j = 0; j < P; ++j) {
+        const V d = v[j] - center[j];
+        s1[j] = s1[j] + d;
+        s2[j] = at::vec::fmadd(d, d, s2[j]);
+      }
+    }
+    alignas(64) acc_t cb[K], b1[K], b2[K];
+    for (int j = 0; j < P; ++j) {
+      center[j].store(cb + j * V::size());
+      s1[j].store(b1 + j * V::size());
+      s2[j].store(b2 + j * V::size());
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      ChunkMoments{cb[k], b1[k], b2[k]}.merge_into(out[c0 + k], nrows);
+    }
+  }
+  for (; c0 < C; ++c0) {  // channel tail, scalar
+    acc_t sum = 0;
+    for (int64_t r = 0; r < nrows; ++r) sum += static_cast<acc_t>(p[r * C + c0]);
+    const acc_t center = sum * inv_rows;
+    acc_t s1 = 0, s2 = 0;
+    for (int64_t r = 0; r < nrows; ++r) {
+      const acc_t d = static_cast<acc_t>(p[r * C + c0]) - center;
+      s1 += d;
+      s2 += d * d;
+    }
+    ChunkMoments{center, s1, s2}.merge_into(out[c0], nrows);
+  }
+}
 
 template <typename scalar_t>
 void batch_stats_impl(
@@ -30,68 +157,17 @@ void batch_stats_impl(
   const int64_t C = L.C;
   const int nthreads = at::get_num_threads();
   std::vector<WelfordStat> partial(static_cast<size_t>(nthreads) * C);
-  // Per-thread scratch for the channels-inner path: shift, sum, m2.
-  std::vector<acc_t> scratch(
-      L.channels_inner ? static_cast<size_t>(nthreads) * 3 * C : 0);
 
-  auto run = [&](int tid, int64_t c, int64_t offset, int64_t len) {
-    const scalar_t* p = xp + offset;
-    const acc_t shift = static_cast<acc_t>(p[0]);
-    acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < len; ++i) {
-      sum += static_cast<acc_t>(p[i]) - shift;
-    }
-    const acc_t shifted_mean = sum / static_cast<acc_t>(len);
-    acc_t m2 = 0;
-#pragma omp simd reduction(+ : m2)
-    for (int64_t i = 0; i < len; ++i) {
-      const acc_t d = (static_cast<acc_t>(p[i]) - shift) - shifted_mean;
-      m2 += d * d;
-    }
-    partial[static_cast<size_t>(tid) * C + c].merge(
-        len, static_cast<double>(shift) + static_cast<double>(shifted_mean),
-        static_cast<double>(m2));
-  };
-
-  auto rows = [&](int tid, int64_t offset, int64_t nrows) {
-    const scalar_t* p = xp + offset;
-    acc_t* shift = scratch.data() + static_cast<size_t>(tid) * 3 * C;
-    acc_t* sum = shift + C;
-    acc_t* m2 = sum + C;
-    for (int64_t c = 0; c < C; ++c) {
-      shift[c] = static_cast<acc_t>(p[c]);
-      sum[c] = 0;
-      m2[c] = 0;
-    }
-    for (int64_t r = 0; r < nrows; ++r) {
-      const scalar_t* row = p + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        sum[c] += static_cast<acc_t>(row[c]) - shift[c];
-      }
-    }
-    const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(nrows);
-    for (int64_t c = 0; c < C; ++c) {
-      sum[c] *= inv_rows;  // now the shifted mean
-    }
-    for (int64_t r = 0; r < nrows; ++r) {
-      const scalar_t* row = p + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t d = (static_cast<acc_t>(row[c]) - shift[c]) - sum[c];
-        m2[c] += d * d;
-      }
-    }
-    WelfordStat* part = partial.data() + static_cast<size_t>(tid) * C;
-    for (int64_t c = 0; c < C; ++c) {
-      part[c].merge(
-          nrows, static_cast<double>(shift[c]) + static_cast<double>(sum[c]),
-          static_cast<double>(m2[c]));
-    }
-  };
-
-  parallel_reduce_chunks(L, run, rows);
+  parallel_reduce_chunks(
+      L,
+      [&](int tid, int64_t c, int64_t offset, int64_t len) {
+        run_moments(xp + offset, len)
+            .merge_into(partial[static_cast<size_t>(tid) * C + c], len);
+      },
+      [&](int tid, int64_t offset, int64_t nrows) {
+        rows_moments(
+            xp + offset, nrows, C, partial.data() + static_cast<size_t>(tid) * C);
+      });
 
   acc_t* mean = mean_out.mutable_data_ptr<acc_t>();
   acc_t* var = var_out.mutable_data_ptr<acc_t>();

@@ -1,0 +1,91 @@
+// Vector loads and stores in the accumulation type. float/double load one
+// at::vec::Vectorized<acc_t> per step; bfloat16/float16 load one
+// Vectorized<T> and widen it to two Vectorized<float> in registers, so the
+// half types never round-trip through memory as float.
+#pragma once
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+namespace bnext::cpu {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+struct VecIO {
+  using acc_t = scalar_t;
+  using V = Vectorized<acc_t>;
+  static constexpr int kParts = 1;                 // acc vectors per step
+  static constexpr int64_t kStep = V::size();      // elements per step
+  static void load(const scalar_t* p, V* out) { out[0] = V::loadu(p); }
+  static void store(scalar_t* p, const V* in) { in[0].store(p); }
+};
+
+template <typename scalar_t>
+struct VecIOHalf {
+  using acc_t = float;
+  using V = Vectorized<float>;
+  static constexpr int kParts = 2;
+  static constexpr int64_t kStep = Vectorized<scalar_t>::size();
+  static_assert(kStep == 2 * V::size(), "half vectors widen to two float vectors");
+  static void load(const scalar_t* p, V* out) {
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+    out[0] = lo;
+    out[1] = hi;
+  }
+  static void store(scalar_t* p, const V* in) {
+    at::vec::convert_from_float<scalar_t>(in[0], in[1]).store(p);
+  }
+};
+
+template <>
+struct VecIO<c10::BFloat16> : VecIOHalf<c10::BFloat16> {};
+template <>
+struct VecIO<c10::Half> : VecIOHalf<c10::Half> {};
+
+template <typename acc_t>
+inline acc_t hsum(const Vectorized<acc_t>& v) {
+  alignas(64) acc_t buf[Vectorized<acc_t>::size()];
+  v.store(buf);
+  acc_t s = 0;
+  for (int64_t i = 0; i < Vectorized<acc_t>::size(); ++i) {
+    s += buf[i];
+  }
+  return s;
+}
+
+}  // namespace bnext::cpu
+
+namespace bnext::cpu {
+
+// Widens one accumulation vector to double vectors (2 for float, 1 for
+// double), for sums that must not lose precision.
+template <typename acc_t>
+struct ToDouble {
+  static constexpr int kParts = std::is_same_v<acc_t, double> ? 1 : 2;
+  static void apply(const Vectorized<acc_t>& v, Vectorized<double>* out) {
+    if constexpr (std::is_same_v<acc_t, double>) {
+      out[0] = v;
+    } else {
+#if defined(CPU_CAPABILITY_AVX512)
+      const __m512 f = v;
+      out[0] = Vectorized<double>(_mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+      out[1] = Vectorized<double>(_mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1)));
+#elif defined(CPU_CAPABILITY_AVX2)
+      const __m256 f = v;
+      out[0] = Vectorized<double>(_mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+      out[1] = Vectorized<double>(_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+#else
+      static_assert(Vectorized<float>::size() == 2 * Vectorized<double>::size());
+      alignas(64) float fb[Vectorized<float>::size()];
+      alignas(64) double db[Vectorized<float>::size()];
+      v.store(fb);
+      for (int64_t i = 0; i < Vectorized<float>::size(); ++i) db[i] = fb[i];
+      out[0] = Vectorized<double>::loadu(db);
+      out[1] = Vectorized<double>::loadu(db + Vectorized<double>::size());
+#endif
+    }
+  }
+};
+
+}  // namespace bnext::cpu
