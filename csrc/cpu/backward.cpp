@@ -50,10 +50,12 @@ void backward_reduce_impl(
 
   // Adds one step (K elements) of dy and dy * (x - mean) to double lanes.
   auto accumulate = [](const V* gv, const V* xv, const V* vm, D* s, D* sx) {
+    #pragma GCC unroll 16
     for (int j = 0; j < P; ++j) {
       D g[Widen::kParts], t[Widen::kParts];
       Widen::apply(gv[j], g);
       Widen::apply(xv[j] - vm[j], t);
+      #pragma GCC unroll 16
       for (int q = 0; q < Widen::kParts; ++q) {
         s[j * Widen::kParts + q] = s[j * Widen::kParts + q] + g[q];
         sx[j * Widen::kParts + q] = at::vec::fmadd(g[q], t[q], sx[j * Widen::kParts + q]);
@@ -61,33 +63,48 @@ void backward_reduce_impl(
     }
   };
 
-  auto run = [&](int tid, int64_t c, int64_t offset, int64_t len) {
+  auto run = [&](int tid, int64_t c, int64_t offset, int64_t stride, int64_t count, int64_t len) {
+    constexpr int U = 2;  // independent accumulator sets, to hide FMA latency
     const acc_t m = mean[c];
     V vm[P];
+    #pragma GCC unroll 16
     for (int j = 0; j < P; ++j) vm[j] = V(m);
-    const scalar_t* g = dyp + offset;
-    const scalar_t* xi = xp + offset;
-    D s[Q], sx[Q];
-    for (int q = 0; q < Q; ++q) {
+    D s[U * Q], sx[U * Q];
+    #pragma GCC unroll 16
+    for (int q = 0; q < U * Q; ++q) {
       s[q] = D(0.0);
       sx[q] = D(0.0);
     }
-    int64_t i = 0;
-    for (; i + K <= len; i += K) {
-      V gv[P], xv[P];
-      IO::load(g + i, gv);
-      IO::load(xi + i, xv);
-      accumulate(gv, xv, vm, s, sx);
-    }
     double ts = 0, tsx = 0;
-    for (int q = 0; q < Q; ++q) {
+    for (int64_t r = 0; r < count; ++r) {
+      const scalar_t* g = dyp + offset + r * stride;
+      const scalar_t* xi = xp + offset + r * stride;
+      int64_t i = 0;
+      for (; i + U * K <= len; i += U * K) {
+        #pragma GCC unroll 16
+        for (int u = 0; u < U; ++u) {
+          V gv[P], xv[P];
+          IO::load(g + i + u * K, gv);
+          IO::load(xi + i + u * K, xv);
+          accumulate(gv, xv, vm, s + u * Q, sx + u * Q);
+        }
+      }
+      for (; i + K <= len; i += K) {
+        V gv[P], xv[P];
+        IO::load(g + i, gv);
+        IO::load(xi + i, xv);
+        accumulate(gv, xv, vm, s, sx);
+      }
+      for (; i < len; ++i) {
+        const double gi = static_cast<acc_t>(g[i]);
+        ts += gi;
+        tsx += gi * static_cast<double>(static_cast<acc_t>(xi[i]) - m);
+      }
+    }
+    #pragma GCC unroll 16
+    for (int q = 0; q < U * Q; ++q) {
       ts += hsum(s[q]);
       tsx += hsum(sx[q]);
-    }
-    for (; i < len; ++i) {
-      const double gi = static_cast<acc_t>(g[i]);
-      ts += gi;
-      tsx += gi * static_cast<double>(static_cast<acc_t>(xi[i]) - m);
     }
     double* part = partial.data() + static_cast<size_t>(tid) * 2 * C;
     part[c] += ts;
@@ -102,8 +119,10 @@ void backward_reduce_impl(
     int64_t c0 = 0;
     for (; c0 + K <= C; c0 += K) {
       V vm[P];
+      #pragma GCC unroll 16
       for (int j = 0; j < P; ++j) vm[j] = V::loadu(mean + c0 + j * W);
       D s[Q], sx[Q];
+      #pragma GCC unroll 16
       for (int q = 0; q < Q; ++q) {
         s[q] = D(0.0);
         sx[q] = D(0.0);
@@ -116,6 +135,7 @@ void backward_reduce_impl(
       }
       // Lane order matches channel order: part j, then its widened halves.
       alignas(64) double bs[K], bsx[K];
+      #pragma GCC unroll 16
       for (int q = 0; q < Q; ++q) {
         s[q].store(bs + q * WD);
         sx[q].store(bsx + q * WD);
@@ -204,10 +224,12 @@ void backward_elementwise_impl(
           if constexpr (use_x) {
             V xv[P];
             IO::load(xi + i, xv);
+            #pragma GCC unroll 16
             for (int j = 0; j < P; ++j) {
               gv[j] = at::vec::fmadd(gv[j], va, at::vec::fmadd(xv[j] - vm, vb, vk));
             }
           } else {
+            #pragma GCC unroll 16
             for (int j = 0; j < P; ++j) gv[j] = gv[j] * va;
           }
           IO::store(out + i, gv);
@@ -215,29 +237,38 @@ void backward_elementwise_impl(
         for (; i < len; ++i) out[i] = scalar(g, xi, i, c);
       },
       [&](int64_t offset, int64_t nrows) {
+        // Locals, not closure members: stores through `out` would otherwise
+        // force a reload of every captured pointer per vector.
+        const acc_t* const a_l = a;
+        const acc_t* const b_l = b;
+        const acc_t* const k_l = k;
+        const acc_t* const mean_l = mean;
+        const int64_t C_l = C;
         for (int64_t r = 0; r < nrows; ++r) {
-          const scalar_t* g = dyp + offset + r * C;
-          const scalar_t* xi = use_x ? xp + offset + r * C : nullptr;
-          scalar_t* out = dxp + offset + r * C;
+          const scalar_t* g = dyp + offset + r * C_l;
+          const scalar_t* xi = use_x ? xp + offset + r * C_l : nullptr;
+          scalar_t* out = dxp + offset + r * C_l;
           int64_t c = 0;
-          for (; c + K <= C; c += K) {
+          for (; c + K <= C_l; c += K) {
             V gv[P];
             IO::load(g + c, gv);
             if constexpr (use_x) {
               V xv[P];
               IO::load(xi + c, xv);
+              #pragma GCC unroll 16
               for (int j = 0; j < P; ++j) {
                 const int64_t cj = c + j * W;
                 gv[j] = at::vec::fmadd(
-                    gv[j], V::loadu(a + cj),
-                    at::vec::fmadd(xv[j] - V::loadu(mean + cj), V::loadu(b + cj), V::loadu(k + cj)));
+                    gv[j], V::loadu(a_l + cj),
+                    at::vec::fmadd(xv[j] - V::loadu(mean_l + cj), V::loadu(b_l + cj), V::loadu(k_l + cj)));
               }
             } else {
-              for (int j = 0; j < P; ++j) gv[j] = gv[j] * V::loadu(a + c + j * W);
+              #pragma GCC unroll 16
+              for (int j = 0; j < P; ++j) gv[j] = gv[j] * V::loadu(a_l + c + j * W);
             }
             IO::store(out + c, gv);
           }
-          for (; c < C; ++c) out[c] = scalar(g, xi, c, c);
+          for (; c < C_l; ++c) out[c] = scalar(g, xi, c, c);
         }
       });
 }

@@ -28,50 +28,73 @@ struct ChannelLayout {
 // `x` must already be dense in output_memory_format(x).
 ChannelLayout make_layout(const at::Tensor& x);
 
-// Elements one task touches at a time: small enough that a chunk read twice
-// (two-pass chunk statistics) stays in L1/L2.
-constexpr int64_t kChunkElems = 4096;
+// Elements one reduction chunk covers: small enough that a chunk read twice
+// (two-pass chunk statistics) is served from L1/L2 the second time, large
+// enough that per-chunk bookkeeping (merges, horizontal sums) is noise.
+constexpr int64_t kChunkElems = 8192;
+// Channels-inner chunks: rows * C elements, at least kMinBlockRows rows.
+constexpr int64_t kRowChunkElems = 32768;
+constexpr int64_t kMinBlockRows = 16;
+constexpr int64_t kMaxBlockRows = 256;
 // Below this many elements per task, threads cost more than they save.
 constexpr int64_t kGrainElems = 32768;
-// Most rows in one channels-inner block: a float32 partial sum spans at most
-// this many terms before it is merged in double.
-constexpr int64_t kMaxBlockRows = 256;
 
 // Reduction driver. Every thread gets its own slot `tid` in
 // [0, at::get_num_threads()), so per-thread partial results need no locks
 // and the combine order is fixed (deterministic for a given thread count).
-//   planar:          run(tid, c, offset, len)  — len contiguous elements of
-//                    channel c, len <= kChunkElems
-//   channels-inner:  rows(tid, offset, nrows)  — nrows full rows of C
+//   planar:          run(tid, c, offset, stride, count, len) - `count` runs of
+//                    `len` contiguous elements of channel c, the i-th at
+//                    offset + i * stride; count * len <= kChunkElems unless
+//                    a single run is that long. Small planes (7x7) are
+//                    grouped so that per-chunk costs are amortised.
+//   channels-inner:  rows(tid, offset, nrows) - nrows full rows of C
+//                    channels, nrows in [kMinBlockRows, kMaxBlockRows]
+//                    except for the last block.
 template <typename RunFn, typename RowsFn>
 void parallel_reduce_chunks(const ChannelLayout& L, RunFn&& run, RowsFn&& rows) {
   if (L.N == 0 || L.S == 0 || L.C == 0) {
     return;
   }
   if (!L.channels_inner) {
-    const int64_t chunks_per_plane = (L.S + kChunkElems - 1) / kChunkElems;
-    // Task index t = (c * N + n) * chunks_per_plane + k: channel-major, so a
-    // thread's range covers few channels and its partials stay hot.
-    const int64_t tasks = L.C * L.N * chunks_per_plane;
-    const int64_t grain =
-        std::max<int64_t>(1, kGrainElems / std::min(L.S, kChunkElems));
-    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-      const int tid = at::get_thread_num();
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t k = t % chunks_per_plane;
-        const int64_t plane = t / chunks_per_plane;
-        const int64_t c = plane / L.N;
-        const int64_t n = plane % L.N;
-        const int64_t start = k * kChunkElems;
-        const int64_t len = std::min(kChunkElems, L.S - start);
-        run(tid, c, (n * L.C + c) * L.S + start, len);
-      }
-    });
+    if (L.S >= kChunkElems) {
+      const int64_t per_plane = (L.S + kChunkElems - 1) / kChunkElems;
+      // Task t = (c * N + n) * per_plane + k: channel-major, so a thread's
+      // range covers few channels and its partials stay hot.
+      const int64_t tasks = L.C * L.N * per_plane;
+      const int64_t grain = std::max<int64_t>(1, kGrainElems / kChunkElems);
+      at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+        const int tid = at::get_thread_num();
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t k = t % per_plane;
+          const int64_t plane = t / per_plane;
+          const int64_t c = plane / L.N;
+          const int64_t n = plane % L.N;
+          const int64_t start = k * kChunkElems;
+          run(tid, c, (n * L.C + c) * L.S + start, int64_t(0), int64_t(1),
+              std::min(kChunkElems, L.S - start));
+        }
+      });
+    } else {
+      // Several planes (same channel, consecutive n) per chunk.
+      const int64_t group = std::max<int64_t>(1, kChunkElems / L.S);
+      const int64_t per_channel = (L.N + group - 1) / group;
+      const int64_t tasks = L.C * per_channel;
+      const int64_t grain = std::max<int64_t>(1, kGrainElems / (group * L.S));
+      at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+        const int tid = at::get_thread_num();
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t c = t / per_channel;
+          const int64_t n0 = (t % per_channel) * group;
+          const int64_t count = std::min(group, L.N - n0);
+          run(tid, c, (n0 * L.C + c) * L.S, L.C * L.S, count, L.S);
+        }
+      });
+    }
   } else {
-    const int64_t block = std::clamp<int64_t>(kChunkElems / L.C, 4, kMaxBlockRows);
+    const int64_t block =
+        std::clamp<int64_t>(kRowChunkElems / L.C, kMinBlockRows, kMaxBlockRows);
     const int64_t blocks = (L.rows() + block - 1) / block;
-    const int64_t grain =
-        std::max<int64_t>(1, kGrainElems / (block * L.C));
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / (block * L.C));
     at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
       const int tid = at::get_thread_num();
       for (int64_t b = begin; b < end; ++b) {
@@ -95,8 +118,14 @@ void parallel_elementwise(const ChannelLayout& L, RunFn&& run, RowsFn&& rows) {
     const int64_t planes = L.N * L.C;
     const int64_t grain = std::max<int64_t>(1, kGrainElems / L.S);
     at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+      // Channel of plane p is p % C; stepped, not divided: a 64-bit division
+      // per 7x7 plane costs as much as normalizing it.
+      int64_t c = begin % L.C;
       for (int64_t p = begin; p < end; ++p) {
-        run(p % L.C, p * L.S, L.S);
+        run(c, p * L.S, L.S);
+        if (++c == L.C) {
+          c = 0;
+        }
       }
     });
   } else {

@@ -1,4 +1,4 @@
-// Batch statistics in one pass over memory. Each chunk (a run of one
+// Batch statistics in one pass over memory. Each chunk (runs of one
 // channel, or a block of rows) is small enough to be read twice from L1/L2:
 // once for an approximate centre c, once for S1 = sum(x - c) and
 // S2 = sum((x - c)^2). The chunk's exact M2 is S2 - S1^2 / n (the corrected
@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../checks.h"
@@ -20,6 +21,8 @@
 namespace bnext::cpu {
 
 namespace {
+
+constexpr int kUnroll = 4;
 
 // Summary of one chunk relative to its centre.
 struct ChunkMoments {
@@ -33,117 +36,225 @@ struct ChunkMoments {
   }
 };
 
-// Contiguous run of one channel.
+// `count` runs of `len` contiguous elements (the i-th at p + i * stride),
+// all of one channel. kUnroll independent accumulators per pass hide the
+// add/FMA latency; a single chain would be latency-bound at ~1/3 of
+// bandwidth.
 template <typename scalar_t>
-ChunkMoments run_moments(const scalar_t* p, int64_t len) {
+ChunkMoments runs_moments(const scalar_t* p, int64_t stride, int64_t count, int64_t len) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
   constexpr int P = IO::kParts;
+  constexpr int U = kUnroll;
   constexpr int64_t K = IO::kStep;
 
-  V sum[P];
-  for (int j = 0; j < P; ++j) sum[j] = V(acc_t(0));
-  int64_t i = 0;
-  for (; i + K <= len; i += K) {
-    V v[P];
-    IO::load(p + i, v);
-    for (int j = 0; j < P; ++j) sum[j] = sum[j] + v[j];
+  V sum[U * P];
+  for (auto& v : sum) v = V(acc_t(0));
+  acc_t tail = 0;
+  for (int64_t r = 0; r < count; ++r) {
+    const scalar_t* q = p + r * stride;
+    int64_t i = 0;
+    for (; i + U * K <= len; i += U * K) {
+      #pragma GCC unroll 16
+      for (int u = 0; u < U; ++u) {
+        V v[P];
+        IO::load(q + i + u * K, v);
+        #pragma GCC unroll 16
+        for (int j = 0; j < P; ++j) sum[u * P + j] = sum[u * P + j] + v[j];
+      }
+    }
+    for (; i + K <= len; i += K) {
+      V v[P];
+      IO::load(q + i, v);
+      #pragma GCC unroll 16
+      for (int j = 0; j < P; ++j) sum[j] = sum[j] + v[j];
+    }
+    for (; i < len; ++i) tail += static_cast<acc_t>(q[i]);
   }
-  acc_t total = 0;
-  for (int j = 0; j < P; ++j) total += hsum(sum[j]);
-  for (; i < len; ++i) total += static_cast<acc_t>(p[i]);
-  const acc_t center = total / static_cast<acc_t>(len);
+  #pragma GCC unroll 16
+  for (int u = 1; u < U * P; ++u) sum[0] = sum[0] + sum[u];
+  tail += hsum(sum[0]);
+  const acc_t center = tail / static_cast<acc_t>(count * len);
 
   const V vc(center);
-  V s1[P], s2[P];
-  for (int j = 0; j < P; ++j) {
-    s1[j] = V(acc_t(0));
-    s2[j] = V(acc_t(0));
-  }
-  for (i = 0; i + K <= len; i += K) {
-    V v[P];
-    IO::load(p + i, v);
-    for (int j = 0; j < P; ++j) {
-      const V d = v[j] - vc;
-      s1[j] = s1[j] + d;
-      s2[j] = at::vec::fmadd(d, d, s2[j]);
-    }
+  V s1[U * P], s2[U * P];
+  #pragma GCC unroll 16
+  for (int u = 0; u < U * P; ++u) {
+    s1[u] = V(acc_t(0));
+    s2[u] = V(acc_t(0));
   }
   acc_t t1 = 0, t2 = 0;
-  for (int j = 0; j < P; ++j) {
-    t1 += hsum(s1[j]);
-    t2 += hsum(s2[j]);
+  for (int64_t r = 0; r < count; ++r) {
+    const scalar_t* q = p + r * stride;
+    int64_t i = 0;
+    for (; i + U * K <= len; i += U * K) {
+      #pragma GCC unroll 16
+      for (int u = 0; u < U; ++u) {
+        V v[P];
+        IO::load(q + i + u * K, v);
+        #pragma GCC unroll 16
+        for (int j = 0; j < P; ++j) {
+          const V d = v[j] - vc;
+          s1[u * P + j] = s1[u * P + j] + d;
+          s2[u * P + j] = at::vec::fmadd(d, d, s2[u * P + j]);
+        }
+      }
+    }
+    for (; i + K <= len; i += K) {
+      V v[P];
+      IO::load(q + i, v);
+      #pragma GCC unroll 16
+      for (int j = 0; j < P; ++j) {
+        const V d = v[j] - vc;
+        s1[j] = s1[j] + d;
+        s2[j] = at::vec::fmadd(d, d, s2[j]);
+      }
+    }
+    for (; i < len; ++i) {
+      const acc_t d = static_cast<acc_t>(q[i]) - center;
+      t1 += d;
+      t2 += d * d;
+    }
   }
-  for (; i < len; ++i) {
-    const acc_t d = static_cast<acc_t>(p[i]) - center;
-    t1 += d;
-    t2 += d * d;
+  #pragma GCC unroll 16
+  for (int u = 1; u < U * P; ++u) {
+    s1[0] = s1[0] + s1[u];
+    s2[0] = s2[0] + s2[u];
   }
+  t1 += hsum(s1[0]);
+  t2 += hsum(s2[0]);
   return {static_cast<double>(center), static_cast<double>(t1), static_cast<double>(t2)};
 }
 
-// Block of `nrows` rows of C channels. Column blocks of K channels are the
-// outer loop so the accumulators live in registers across the rows.
+// Per-thread state of the channels-inner path. Every channel of a thread has
+// seen the same rows, so one count serves all channels and the Chan merge is
+// a plain vectorisable loop over C.
+struct RowsPartial {
+  int64_t n = 0;
+  std::vector<double> mean, m2;
+};
+
+// Moments of channels [c0, c0 + NS * K) over `nrows` rows, accumulated in
+// registers: NS steps of K channels per row, i.e. a tile of NS * K adjacent
+// channels (128 bytes of float32 for NS * K = 32) read row after row.
+// Writes the tile's centre, S1 and S2 to the scratch arrays.
+template <typename scalar_t, int NS>
+void tile_moments(
+    const scalar_t* p,
+    int64_t nrows,
+    int64_t C,
+    int64_t c0,
+    typename VecIO<scalar_t>::acc_t* center_out,
+    typename VecIO<scalar_t>::acc_t* s1_out,
+    typename VecIO<scalar_t>::acc_t* s2_out) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using V = typename IO::V;
+  constexpr int P = IO::kParts;
+  constexpr int NV = NS * P;
+  constexpr int64_t K = IO::kStep;
+  constexpr int64_t W = V::size();
+
+  V sum[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) sum[v] = V(acc_t(0));
+  for (int64_t r = 0; r < nrows; ++r) {
+    const scalar_t* row = p + r * C + c0;
+#pragma GCC unroll 16
+    for (int st = 0; st < NS; ++st) {
+      V v[P];
+      IO::load(row + st * K, v);
+#pragma GCC unroll 16
+      for (int j = 0; j < P; ++j) sum[st * P + j] = sum[st * P + j] + v[j];
+    }
+  }
+  const V inv_rows(acc_t(1) / static_cast<acc_t>(nrows));
+  V center[NV], s1[NV], s2[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    center[v] = sum[v] * inv_rows;
+    s1[v] = V(acc_t(0));
+    s2[v] = V(acc_t(0));
+  }
+  for (int64_t r = 0; r < nrows; ++r) {
+    const scalar_t* row = p + r * C + c0;
+#pragma GCC unroll 16
+    for (int st = 0; st < NS; ++st) {
+      V v[P];
+      IO::load(row + st * K, v);
+#pragma GCC unroll 16
+      for (int j = 0; j < P; ++j) {
+        const int i = st * P + j;
+        const V d = v[j] - center[i];
+        s1[i] = s1[i] + d;
+        s2[i] = at::vec::fmadd(d, d, s2[i]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    center[v].store(center_out + c0 + v * W);
+    s1[v].store(s1_out + c0 + v * W);
+    s2[v].store(s2_out + c0 + v * W);
+  }
+}
+
+// Adds a block of `nrows` rows of C channels to `part`. `scratch` holds
+// 3 * C acc_t. Channels go in register tiles (see tile_moments); the block's
+// second read comes from L1/L2.
 template <typename scalar_t>
 void rows_moments(
     const scalar_t* p,
     int64_t nrows,
     int64_t C,
-    WelfordStat* out) {
+    typename VecIO<scalar_t>::acc_t* scratch,
+    RowsPartial& part) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
-  using V = typename IO::V;
-  constexpr int P = IO::kParts;
   constexpr int64_t K = IO::kStep;
-  const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(nrows);
+  constexpr int kTileSteps = 4 / IO::kParts;  // 4 accumulation vectors per tile
+  acc_t* center = scratch;
+  acc_t* s1 = scratch + C;
+  acc_t* s2 = scratch + 2 * C;
 
   int64_t c0 = 0;
+  for (; c0 + kTileSteps * K <= C; c0 += kTileSteps * K) {
+    tile_moments<scalar_t, kTileSteps>(p, nrows, C, c0, center, s1, s2);
+  }
   for (; c0 + K <= C; c0 += K) {
-    V sum[P];
-    for (int j = 0; j < P; ++j) sum[j] = V(acc_t(0));
-    for (int64_t r = 0; r < nrows; ++r) {
-      V v[P];
-      IO::load(p + r * C + c0, v);
-      for (int j = 0; j < P; ++j) sum[j] = sum[j] + v[j];
-    }
-    V center[P], s1[P], s2[P];
-    for (int j = 0; j < P; ++j) {
-      center[j] = sum[j] * V(inv_rows);
-      s1[j] = V(acc_t(0));
-      s2[j] = V(acc_t(0));
-    }
-    for (int64_t r = 0; r < nrows; ++r) {
-      V v[P];
-      IO::load(p + r * C + c0, v);
-      for (int j = 0; j < P; ++j) {
-        const V d = v[j] - center[j];
-        s1[j] = s1[j] + d;
-        s2[j] = at::vec::fmadd(d, d, s2[j]);
-      }
-    }
-    alignas(64) acc_t cb[K], b1[K], b2[K];
-    for (int j = 0; j < P; ++j) {
-      center[j].store(cb + j * V::size());
-      s1[j].store(b1 + j * V::size());
-      s2[j].store(b2 + j * V::size());
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      ChunkMoments{cb[k], b1[k], b2[k]}.merge_into(out[c0 + k], nrows);
-    }
+    tile_moments<scalar_t, 1>(p, nrows, C, c0, center, s1, s2);
   }
   for (; c0 < C; ++c0) {  // channel tail, scalar
     acc_t sum = 0;
     for (int64_t r = 0; r < nrows; ++r) sum += static_cast<acc_t>(p[r * C + c0]);
-    const acc_t center = sum * inv_rows;
-    acc_t s1 = 0, s2 = 0;
+    const acc_t ctr = sum / static_cast<acc_t>(nrows);
+    acc_t t1 = 0, t2 = 0;
     for (int64_t r = 0; r < nrows; ++r) {
-      const acc_t d = static_cast<acc_t>(p[r * C + c0]) - center;
-      s1 += d;
-      s2 += d * d;
+      const acc_t d = static_cast<acc_t>(p[r * C + c0]) - ctr;
+      t1 += d;
+      t2 += d * d;
     }
-    ChunkMoments{center, s1, s2}.merge_into(out[c0], nrows);
+    center[c0] = ctr;
+    s1[c0] = t1;
+    s2[c0] = t2;
   }
+
+  const double nb = static_cast<double>(nrows);
+  const double na = static_cast<double>(part.n);
+  const double wb = nb / (na + nb);
+  double* mean = part.mean.data();
+  double* m2 = part.m2.data();
+  for (int64_t c = 0; c < C; ++c) {
+    const double d1 = s1[c];
+    const double mean_b = static_cast<double>(center[c]) + d1 / nb;
+    const double raw = static_cast<double>(s2[c]) - d1 * d1 / nb;
+    const double m2_b = raw < 0.0 ? 0.0 : raw;  // NaN passes
+    const double delta = mean_b - mean[c];
+    mean[c] += delta * wb;
+    m2[c] += m2_b + delta * delta * na * wb;
+  }
+  part.n += nrows;
 }
 
 template <typename scalar_t>
@@ -156,17 +267,25 @@ void batch_stats_impl(
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const int64_t C = L.C;
   const int nthreads = at::get_num_threads();
-  std::vector<WelfordStat> partial(static_cast<size_t>(nthreads) * C);
+  // Planar path: one WelfordStat per (thread, channel). Channels-inner path:
+  // one RowsPartial per thread plus 3 * C scratch values.
+  std::vector<WelfordStat> partial(L.channels_inner ? 0 : static_cast<size_t>(nthreads) * C);
+  std::vector<RowsPartial> rows_partial(L.channels_inner ? nthreads : 0);
+  std::vector<acc_t> scratch(L.channels_inner ? static_cast<size_t>(nthreads) * 3 * C : 0);
+  for (auto& rp : rows_partial) {
+    rp.mean.assign(C, 0.0);
+    rp.m2.assign(C, 0.0);
+  }
 
   parallel_reduce_chunks(
       L,
-      [&](int tid, int64_t c, int64_t offset, int64_t len) {
-        run_moments(xp + offset, len)
-            .merge_into(partial[static_cast<size_t>(tid) * C + c], len);
+      [&](int tid, int64_t c, int64_t offset, int64_t stride, int64_t count, int64_t len) {
+        runs_moments(xp + offset, stride, count, len)
+            .merge_into(partial[static_cast<size_t>(tid) * C + c], count * len);
       },
       [&](int tid, int64_t offset, int64_t nrows) {
-        rows_moments(
-            xp + offset, nrows, C, partial.data() + static_cast<size_t>(tid) * C);
+        rows_moments(xp + offset, nrows, C,
+                     scratch.data() + static_cast<size_t>(tid) * 3 * C, rows_partial[tid]);
       });
 
   acc_t* mean = mean_out.mutable_data_ptr<acc_t>();
@@ -174,7 +293,12 @@ void batch_stats_impl(
   for (int64_t c = 0; c < C; ++c) {
     WelfordStat total;
     for (int t = 0; t < nthreads; ++t) {
-      total.merge(partial[static_cast<size_t>(t) * C + c]);
+      if (L.channels_inner) {
+        const RowsPartial& rp = rows_partial[t];
+        total.merge(rp.n, rp.mean[c], rp.m2[c]);
+      } else {
+        total.merge(partial[static_cast<size_t>(t) * C + c]);
+      }
     }
     // An empty batch has no statistics; 0/0 here would leak NaN into the
     // (empty) output's gradients, so report mean 0 and variance 0.
