@@ -85,24 +85,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train_grad_input_coeffs(
   return {a, b, c};
 }
 
+namespace {
+
+template <typename run_t, typename stat_t>
+void update_running_inplace(
+    run_t* rm,
+    run_t* rv,
+    const stat_t* mean,
+    const stat_t* var,
+    int64_t C,
+    double factor) {
+  for (int64_t c = 0; c < C; ++c) {
+    const double m = (1.0 - factor) * static_cast<double>(rm[c]) +
+        factor * static_cast<double>(mean[c]);
+    const double v = (1.0 - factor) * static_cast<double>(rv[c]) +
+        factor * static_cast<double>(var[c]);
+    rm[c] = static_cast<run_t>(m);
+    rv[c] = static_cast<run_t>(v);
+  }
+}
+
+}  // namespace
+
 void update_running(
     at::Tensor& running_mean,
     at::Tensor& running_var,
     const at::Tensor& batch_mean,
     const at::Tensor& batch_unbiased_var,
     double factor) {
-  const at::Tensor rm = running_mean.to(batch_mean.scalar_type()).contiguous();
-  const at::Tensor rv = running_var.to(batch_mean.scalar_type()).contiguous();
-  at::Tensor new_mean = map_channels(batch_mean, [&]<typename T>(int64_t i) {
-    return (1.0 - factor) * static_cast<double>(cptr<T>(rm)[i]) +
-        factor * static_cast<double>(cptr<T>(batch_mean)[i]);
-  });
-  at::Tensor new_var = map_channels(batch_mean, [&]<typename T>(int64_t i) {
-    return (1.0 - factor) * static_cast<double>(cptr<T>(rv)[i]) +
-        factor * static_cast<double>(cptr<T>(batch_unbiased_var)[i]);
-  });
-  running_mean.copy_(new_mean.view(running_mean.sizes()));
-  running_var.copy_(new_var.view(running_var.sizes()));
+  // Dense buffers (the module case) are updated in place in one loop that
+  // cannot fail part-way; anything else goes through temporaries + copy_.
+  at::Tensor rm = running_mean.is_contiguous() ? running_mean : running_mean.contiguous();
+  at::Tensor rv = running_var.is_contiguous() ? running_var : running_var.contiguous();
+  const int64_t C = batch_mean.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, rm.scalar_type(), "bnext_update_running", [&] {
+        using run_t = scalar_t;
+        if (batch_mean.scalar_type() == at::kDouble) {
+          update_running_inplace<run_t, double>(
+              rm.mutable_data_ptr<run_t>(), rv.mutable_data_ptr<run_t>(),
+              batch_mean.const_data_ptr<double>(),
+              batch_unbiased_var.const_data_ptr<double>(), C, factor);
+        } else {
+          update_running_inplace<run_t, float>(
+              rm.mutable_data_ptr<run_t>(), rv.mutable_data_ptr<run_t>(),
+              batch_mean.const_data_ptr<float>(),
+              batch_unbiased_var.const_data_ptr<float>(), C, factor);
+        }
+      });
+  if (!rm.is_same(running_mean)) {
+    running_mean.copy_(rm);
+  }
+  if (!rv.is_same(running_var)) {
+    running_var.copy_(rv);
+  }
 }
 
 }  // namespace bnext::cpu

@@ -106,7 +106,15 @@ void update_running_stats(
         "positive for a cumulative average, got ", count);
     factor = 1.0 / static_cast<double>(count);
   }
-  const at::ScalarType acc = save_mean.scalar_type();
+  TORCH_CHECK(
+      running_mean.scalar_type() == running_var.scalar_type() &&
+          running_mean.device() == save_mean.device() &&
+          running_var.device() == save_mean.device(),
+      "update_running_stats: running_mean and running_var must share a dtype "
+      "and the statistics' device");
+  // Statistics in double stay double; anything else is read as float32.
+  const at::ScalarType acc =
+      save_mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   update_running(
       running_mean, running_var, save_mean.to(acc).contiguous(),
       unbiased_var.to(acc).contiguous(), factor);
