@@ -11,22 +11,20 @@ namespace bnext::cpu {
 
 namespace {
 
-// Applies fn(i) -> value over C channels, producing a new acc tensor like `like`.
+// out[i] = fn(T(), i) over C channels, into a new tensor like `like`. `fn`
+// receives a typed tag so it can fetch its operands' pointers once, outside
+// the loop: TensorBase::data_ptr<T>() type-checks on every call.
 template <typename Fn>
 at::Tensor map_channels(const at::Tensor& like, Fn&& fn) {
   at::Tensor out = at::empty_like(like);
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "bnext_channel_math", [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    auto body = fn(scalar_t{});
     for (int64_t i = 0; i < like.numel(); ++i) {
-      o[i] = static_cast<scalar_t>(fn.template operator()<scalar_t>(i));
+      o[i] = static_cast<scalar_t>(body(i));
     }
   });
   return out;
-}
-
-template <typename T>
-const T* cptr(const at::Tensor& t) {
-  return t.const_data_ptr<T>();
 }
 
 }  // namespace
@@ -43,22 +41,30 @@ at::Tensor channel_param(
 }
 
 at::Tensor invstd_from_var(const at::Tensor& var, double eps) {
-  return map_channels(var, [&]<typename T>(int64_t i) {
-    return T(1) / std::sqrt(cptr<T>(var)[i] + static_cast<T>(eps));
+  return map_channels(var, [&](auto tag) {
+    using T = decltype(tag);
+    const T* v = var.const_data_ptr<T>();
+    const T e = static_cast<T>(eps);
+    return [=](int64_t i) { return T(1) / std::sqrt(v[i] + e); };
   });
 }
 
 at::Tensor unbiased_from_biased(const at::Tensor& var, int64_t n) {
   // n == 1 gives 0/0 = NaN, as torch's kernels do.
   const double scale = static_cast<double>(n) / static_cast<double>(n - 1);
-  return map_channels(var, [&]<typename T>(int64_t i) {
-    return static_cast<T>(static_cast<double>(cptr<T>(var)[i]) * scale);
+  return map_channels(var, [&](auto tag) {
+    using T = decltype(tag);
+    const T* v = var.const_data_ptr<T>();
+    return [=](int64_t i) { return static_cast<double>(v[i]) * scale; };
   });
 }
 
 at::Tensor channel_mul(const at::Tensor& a, const at::Tensor& b) {
-  return map_channels(a, [&]<typename T>(int64_t i) {
-    return cptr<T>(a)[i] * cptr<T>(b)[i];
+  return map_channels(a, [&](auto tag) {
+    using T = decltype(tag);
+    const T* pa = a.const_data_ptr<T>();
+    const T* pb = b.const_data_ptr<T>();
+    return [=](int64_t i) { return pa[i] * pb[i]; };
   });
 }
 
@@ -70,17 +76,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train_grad_input_coeffs(
     int64_t n) {
   const double inv_n = 1.0 / static_cast<double>(n);
   // dx = w * invstd * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
-  at::Tensor a = map_channels(w, [&]<typename T>(int64_t i) {
-    return cptr<T>(w)[i] * cptr<T>(invstd)[i];
+  at::Tensor a = channel_mul(w, invstd);
+  at::Tensor b = map_channels(w, [&](auto tag) {
+    using T = decltype(tag);
+    const T* pw = w.const_data_ptr<T>();
+    const T* is = invstd.const_data_ptr<T>();
+    const T* sx = sum_dy_xmu.const_data_ptr<T>();
+    return [=](int64_t i) {
+      return -pw[i] * is[i] * is[i] * is[i] * sx[i] * static_cast<T>(inv_n);
+    };
   });
-  at::Tensor b = map_channels(w, [&]<typename T>(int64_t i) {
-    const T is = cptr<T>(invstd)[i];
-    return -cptr<T>(w)[i] * is * is * is * cptr<T>(sum_dy_xmu)[i] *
-        static_cast<T>(inv_n);
-  });
-  at::Tensor c = map_channels(w, [&]<typename T>(int64_t i) {
-    return -cptr<T>(w)[i] * cptr<T>(invstd)[i] * cptr<T>(sum_dy)[i] *
-        static_cast<T>(inv_n);
+  at::Tensor c = map_channels(w, [&](auto tag) {
+    using T = decltype(tag);
+    const T* pw = w.const_data_ptr<T>();
+    const T* is = invstd.const_data_ptr<T>();
+    const T* s = sum_dy.const_data_ptr<T>();
+    return [=](int64_t i) { return -pw[i] * is[i] * s[i] * static_cast<T>(inv_n); };
   });
   return {a, b, c};
 }

@@ -3,6 +3,8 @@
 // cost of one extra subtraction in a memory-bound loop.
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
+
 #include "kernels.h"
 #include "layout.h"
 #include "vec_io.h"
@@ -53,30 +55,62 @@ void normalize_impl(
         }
       },
       [&](int64_t offset, int64_t nrows) {
-        // Locals, not closure members: stores through yi would otherwise
-        // force a reload of every captured pointer per vector (2x slower).
+        // Coefficients of a tile of kTileSteps * K channels stay in
+        // registers over a block of rows, instead of being re-read for every
+        // row (three extra loads per vector).
+        constexpr int kTileSteps = 4 / P;
+        constexpr int NV = kTileSteps * P;
+        constexpr int64_t kBlockRows = 8;
         const acc_t* const mean_l = mean;
         const acc_t* const alpha_l = alpha;
         const acc_t* const beta_l = beta;
         const int64_t C_l = C;
-        for (int64_t r = 0; r < nrows; ++r) {
-          const scalar_t* xi = xp + offset + r * C_l;
-          scalar_t* yi = yp + offset + r * C_l;
+        for (int64_t r0 = 0; r0 < nrows; r0 += kBlockRows) {
+          const int64_t r1 = std::min(nrows, r0 + kBlockRows);
+          const scalar_t* xb = xp + offset;
+          scalar_t* yb = yp + offset;
           int64_t c = 0;
-          for (; c + K <= C_l; c += K) {
-            V v[P];
-            IO::load(xi + c, v);
-            #pragma GCC unroll 16
-            for (int j = 0; j < P; ++j) {
-              const int64_t cj = c + j * W;
-              v[j] = at::vec::fmadd(
-                  v[j] - V::loadu(mean_l + cj), V::loadu(alpha_l + cj), V::loadu(beta_l + cj));
+          for (; c + kTileSteps * K <= C_l; c += kTileSteps * K) {
+            V vm[NV], va[NV], vb[NV];
+#pragma GCC unroll 16
+            for (int v = 0; v < NV; ++v) {
+              vm[v] = V::loadu(mean_l + c + v * W);
+              va[v] = V::loadu(alpha_l + c + v * W);
+              vb[v] = V::loadu(beta_l + c + v * W);
             }
-            IO::store(yi + c, v);
+            for (int64_t r = r0; r < r1; ++r) {
+#pragma GCC unroll 16
+              for (int st = 0; st < kTileSteps; ++st) {
+                V v[P];
+                IO::load(xb + r * C_l + c + st * K, v);
+#pragma GCC unroll 16
+                for (int j = 0; j < P; ++j) {
+                  const int i = st * P + j;
+                  v[j] = at::vec::fmadd(v[j] - vm[i], va[i], vb[i]);
+                }
+                IO::store(yb + r * C_l + c + st * K, v);
+              }
+            }
           }
-          for (; c < C_l; ++c) {
-            yi[c] = static_cast<scalar_t>(
-                (static_cast<acc_t>(xi[c]) - mean_l[c]) * alpha_l[c] + beta_l[c]);
+          for (int64_t r = r0; r < r1; ++r) {
+            const scalar_t* xi = xb + r * C_l;
+            scalar_t* yi = yb + r * C_l;
+            int64_t cc = c;
+            for (; cc + K <= C_l; cc += K) {
+              V v[P];
+              IO::load(xi + cc, v);
+#pragma GCC unroll 16
+              for (int j = 0; j < P; ++j) {
+                const int64_t cj = cc + j * W;
+                v[j] = at::vec::fmadd(
+                    v[j] - V::loadu(mean_l + cj), V::loadu(alpha_l + cj), V::loadu(beta_l + cj));
+              }
+              IO::store(yi + cc, v);
+            }
+            for (; cc < C_l; ++cc) {
+              yi[cc] = static_cast<scalar_t>(
+                  (static_cast<acc_t>(xi[cc]) - mean_l[cc]) * alpha_l[cc] + beta_l[cc]);
+            }
           }
         }
       });
