@@ -1,0 +1,34 @@
+"""The benchmark harness runs end to end and records what it measured.
+No timing is asserted: speed lives in benchmarks/, not in tests."""
+
+import json
+
+import pytest
+
+bench = pytest.importorskip("benchmarks.bench")
+
+
+def test_harness_smoke(tmp_path):
+    out = tmp_path / "smoke.json"
+    bench.main(["--quick", "--no-compile", "--batch", "2", "--repeats", "1", "--min-time", "0.001",
+                "--dtypes", "fp32", "--shapes", "7x7,(N, C)", "--malloc", "default",
+                "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["machine"]["torch"] and data["machine"]["threads"] >= 1
+    rows = data["results"]
+    assert {r["mode"] for r in rows} == {"fwd", "fwdbwd", "eval"}
+    assert {r["layout"] for r in rows} == {"contiguous", "channels_last"}
+    for r in rows:
+        assert set(r["ms"]) == {"copy", "torch", "bnext"}
+        assert all(v > 0 for v in r["ms"].values())
+        assert r["speedup_vs_torch"] > 0 and r["copies"]["bnext"] > 0
+    assert (tmp_path / "smoke.png").stat().st_size > 0
+
+
+def test_shape_set_covers_resnet50_and_extras():
+    from benchmarks.shapes import RESNET50_CHW, shape_set
+
+    shapes = dict(shape_set(32))
+    assert len(RESNET50_CHW) == len(set(RESNET50_CHW)) == 12
+    assert {len(s) for s in shapes.values()} == {2, 3, 4, 5}
+    assert all(s[0] == 32 for n, s in shapes.items() if n.startswith("resnet50"))
