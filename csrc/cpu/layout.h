@@ -44,9 +44,8 @@ constexpr int64_t kGrainElems = 32768;
 // and the combine order is fixed (deterministic for a given thread count).
 //   planar:          run(tid, c, offset, stride, count, len) - `count` runs of
 //                    `len` contiguous elements of channel c, the i-th at
-//                    offset + i * stride; count * len <= kChunkElems unless
-//                    a single run is that long. Small planes (7x7) are
-//                    grouped so that per-chunk costs are amortised.
+//                    offset + i * stride (the driver passes count = 1: one
+//                    plane, or a kChunkElems piece of one, in memory order).
 //   channels-inner:  rows(tid, offset, nrows) - nrows full rows of C
 //                    channels, nrows in [kMinBlockRows, kMaxBlockRows]
 //                    except for the last block.
@@ -56,40 +55,31 @@ void parallel_reduce_chunks(const ChannelLayout& L, RunFn&& run, RowsFn&& rows) 
     return;
   }
   if (!L.channels_inner) {
-    if (L.S >= kChunkElems) {
-      const int64_t per_plane = (L.S + kChunkElems - 1) / kChunkElems;
-      // Task t = (c * N + n) * per_plane + k: channel-major, so a thread's
-      // range covers few channels and its partials stay hot.
-      const int64_t tasks = L.C * L.N * per_plane;
-      const int64_t grain = std::max<int64_t>(1, kGrainElems / kChunkElems);
-      at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-        const int tid = at::get_thread_num();
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t k = t % per_plane;
-          const int64_t plane = t / per_plane;
-          const int64_t c = plane / L.N;
-          const int64_t n = plane % L.N;
-          const int64_t start = k * kChunkElems;
-          run(tid, c, (n * L.C + c) * L.S + start, int64_t(0), int64_t(1),
-              std::min(kChunkElems, L.S - start));
+    // Tasks in memory order: plane p = n * C + c, split into chunks of at
+    // most kChunkElems. Walking channel by channel instead would jump
+    // C * S elements between the N planes of a channel and defeat the
+    // hardware prefetcher (measured ~2x slower on 25 MB tensors).
+    const int64_t per_plane = (L.S + kChunkElems - 1) / kChunkElems;
+    const int64_t chunk = std::min(L.S, kChunkElems);
+    const int64_t tasks = L.N * L.C * per_plane;
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / chunk);
+    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+      const int tid = at::get_thread_num();
+      int64_t k = begin % per_plane;
+      int64_t p = begin / per_plane;
+      int64_t c = p % L.C;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t start = k * kChunkElems;
+        run(tid, c, p * L.S + start, int64_t(0), int64_t(1), std::min(kChunkElems, L.S - start));
+        if (++k == per_plane) {
+          k = 0;
+          ++p;
+          if (++c == L.C) {
+            c = 0;
+          }
         }
-      });
-    } else {
-      // Several planes (same channel, consecutive n) per chunk.
-      const int64_t group = std::max<int64_t>(1, kChunkElems / L.S);
-      const int64_t per_channel = (L.N + group - 1) / group;
-      const int64_t tasks = L.C * per_channel;
-      const int64_t grain = std::max<int64_t>(1, kGrainElems / (group * L.S));
-      at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-        const int tid = at::get_thread_num();
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t c = t / per_channel;
-          const int64_t n0 = (t % per_channel) * group;
-          const int64_t count = std::min(group, L.N - n0);
-          run(tid, c, (n0 * L.C + c) * L.S, L.C * L.S, count, L.S);
-        }
-      });
-    }
+      }
+    });
   } else {
     const int64_t block =
         std::clamp<int64_t>(kRowChunkElems / L.C, kMinBlockRows, kMaxBlockRows);
