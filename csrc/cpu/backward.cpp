@@ -10,7 +10,6 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -93,43 +92,41 @@ void backward_reduce_impl(
     }
   };
 
-  auto run = [&](int tid, int64_t c, int64_t offset, int64_t stride, int64_t count, int64_t len) {
+  auto run = [&](int tid, int64_t c, int64_t offset, int64_t len) {
     const acc_t m = mean[c];
     V vm[P];
 #pragma GCC unroll 16
     for (int j = 0; j < P; ++j) vm[j] = V(m);
     Lanes l0, l1;  // two independent chains hide FMA latency
     double ts = 0, tsx = 0;
-    for (int64_t r = 0; r < count; ++r) {
-      const scalar_t* g = dyp + offset + r * stride;
-      const scalar_t* xi = xp + offset + r * stride;
-      int64_t i = 0;
-      while (i + 2 * K <= len) {
-        const int64_t stop = std::min(len, i + 2 * K * kFlushSteps);
-        for (; i + 2 * K <= stop; i += 2 * K) {
-          V gv[P], xv[P];
-          IO::load(g + i, gv);
-          IO::load(xi + i, xv);
-          l0.add(gv, xv, vm);
-          IO::load(g + i + K, gv);
-          IO::load(xi + i + K, xv);
-          l1.add(gv, xv, vm);
-        }
-        l0.flush();
-        l1.flush();
-      }
-      for (; i + K <= len; i += K) {
+    const scalar_t* g = dyp + offset;
+    const scalar_t* xi = xp + offset;
+    int64_t i = 0;
+    while (i + 2 * K <= len) {
+      const int64_t stop = std::min(len, i + 2 * K * kFlushSteps);
+      for (; i + 2 * K <= stop; i += 2 * K) {
         V gv[P], xv[P];
         IO::load(g + i, gv);
         IO::load(xi + i, xv);
         l0.add(gv, xv, vm);
+        IO::load(g + i + K, gv);
+        IO::load(xi + i + K, xv);
+        l1.add(gv, xv, vm);
       }
       l0.flush();
-      for (; i < len; ++i) {
-        const double gi = static_cast<acc_t>(g[i]);
-        ts += gi;
-        tsx += gi * static_cast<double>(static_cast<acc_t>(xi[i]) - m);
-      }
+      l1.flush();
+    }
+    for (; i + K <= len; i += K) {
+      V gv[P], xv[P];
+      IO::load(g + i, gv);
+      IO::load(xi + i, xv);
+      l0.add(gv, xv, vm);
+    }
+    l0.flush();
+    for (; i < len; ++i) {
+      const double gi = static_cast<acc_t>(g[i]);
+      ts += gi;
+      tsx += gi * static_cast<double>(static_cast<acc_t>(xi[i]) - m);
     }
 #pragma GCC unroll 16
     for (int q = 0; q < Q; ++q) {

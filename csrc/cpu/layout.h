@@ -42,10 +42,9 @@ constexpr int64_t kGrainElems = 32768;
 // Reduction driver. Every thread gets its own slot `tid` in
 // [0, at::get_num_threads()), so per-thread partial results need no locks
 // and the combine order is fixed (deterministic for a given thread count).
-//   planar:          run(tid, c, offset, stride, count, len) - `count` runs of
-//                    `len` contiguous elements of channel c, the i-th at
-//                    offset + i * stride (the driver passes count = 1: one
-//                    plane, or a kChunkElems piece of one, in memory order).
+//   planar:          run(tid, c, offset, len) - `len` contiguous elements of
+//                    channel c: one plane, or a kChunkElems piece of one,
+//                    visited in memory order.
 //   channels-inner:  rows(tid, offset, nrows) - nrows full rows of C
 //                    channels, nrows in [kMinBlockRows, kMaxBlockRows]
 //                    except for the last block.
@@ -70,7 +69,7 @@ void parallel_reduce_chunks(const ChannelLayout& L, RunFn&& run, RowsFn&& rows) 
       int64_t c = p % L.C;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t start = k * kChunkElems;
-        run(tid, c, p * L.S + start, int64_t(0), int64_t(1), std::min(kChunkElems, L.S - start));
+        run(tid, c, p * L.S + start, std::min(kChunkElems, L.S - start));
         if (++k == per_plane) {
           k = 0;
           ++p;

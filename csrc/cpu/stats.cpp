@@ -1,4 +1,4 @@
-// Batch statistics in one pass over memory. Each chunk (runs of one
+// Batch statistics in one pass over memory. Each chunk (a run of one
 // channel, or a block of rows) is small enough to be read twice from L1/L2:
 // once for an approximate centre c, once for S1 = sum(x - c) and
 // S2 = sum((x - c)^2). The chunk's exact M2 is S2 - S1^2 / n (the corrected
@@ -36,12 +36,11 @@ struct ChunkMoments {
   }
 };
 
-// `count` runs of `len` contiguous elements (the i-th at p + i * stride),
-// all of one channel. kUnroll independent accumulators per pass hide the
-// add/FMA latency; a single chain would be latency-bound at ~1/3 of
-// bandwidth.
+// `len` contiguous elements of one channel. kUnroll independent
+// accumulators per pass hide the add/FMA latency; a single chain would be
+// latency-bound at ~1/3 of bandwidth.
 template <typename scalar_t>
-ChunkMoments runs_moments(const scalar_t* p, int64_t stride, int64_t count, int64_t len) {
+ChunkMoments run_moments(const scalar_t* q, int64_t len) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
@@ -52,72 +51,65 @@ ChunkMoments runs_moments(const scalar_t* p, int64_t stride, int64_t count, int6
   V sum[U * P];
   for (auto& v : sum) v = V(acc_t(0));
   acc_t tail = 0;
-  for (int64_t r = 0; r < count; ++r) {
-    const scalar_t* q = p + r * stride;
-    int64_t i = 0;
-    for (; i + U * K <= len; i += U * K) {
-      #pragma GCC unroll 16
-      for (int u = 0; u < U; ++u) {
-        V v[P];
-        IO::load(q + i + u * K, v);
-        #pragma GCC unroll 16
-        for (int j = 0; j < P; ++j) sum[u * P + j] = sum[u * P + j] + v[j];
-      }
-    }
-    for (; i + K <= len; i += K) {
+  int64_t i = 0;
+  for (; i + U * K <= len; i += U * K) {
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) {
       V v[P];
-      IO::load(q + i, v);
-      #pragma GCC unroll 16
-      for (int j = 0; j < P; ++j) sum[j] = sum[j] + v[j];
+      IO::load(q + i + u * K, v);
+#pragma GCC unroll 16
+      for (int j = 0; j < P; ++j) sum[u * P + j] = sum[u * P + j] + v[j];
     }
-    for (; i < len; ++i) tail += static_cast<acc_t>(q[i]);
   }
-  #pragma GCC unroll 16
+  for (; i + K <= len; i += K) {
+    V v[P];
+    IO::load(q + i, v);
+#pragma GCC unroll 16
+    for (int j = 0; j < P; ++j) sum[j] = sum[j] + v[j];
+  }
+  for (; i < len; ++i) tail += static_cast<acc_t>(q[i]);
+#pragma GCC unroll 16
   for (int u = 1; u < U * P; ++u) sum[0] = sum[0] + sum[u];
   tail += hsum(sum[0]);
-  const acc_t center = tail / static_cast<acc_t>(count * len);
+  const acc_t center = tail / static_cast<acc_t>(len);
 
   const V vc(center);
   V s1[U * P], s2[U * P];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int u = 0; u < U * P; ++u) {
     s1[u] = V(acc_t(0));
     s2[u] = V(acc_t(0));
   }
   acc_t t1 = 0, t2 = 0;
-  for (int64_t r = 0; r < count; ++r) {
-    const scalar_t* q = p + r * stride;
-    int64_t i = 0;
-    for (; i + U * K <= len; i += U * K) {
-      #pragma GCC unroll 16
-      for (int u = 0; u < U; ++u) {
-        V v[P];
-        IO::load(q + i + u * K, v);
-        #pragma GCC unroll 16
-        for (int j = 0; j < P; ++j) {
-          const V d = v[j] - vc;
-          s1[u * P + j] = s1[u * P + j] + d;
-          s2[u * P + j] = at::vec::fmadd(d, d, s2[u * P + j]);
-        }
-      }
-    }
-    for (; i + K <= len; i += K) {
+  for (i = 0; i + U * K <= len; i += U * K) {
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) {
       V v[P];
-      IO::load(q + i, v);
-      #pragma GCC unroll 16
+      IO::load(q + i + u * K, v);
+#pragma GCC unroll 16
       for (int j = 0; j < P; ++j) {
         const V d = v[j] - vc;
-        s1[j] = s1[j] + d;
-        s2[j] = at::vec::fmadd(d, d, s2[j]);
+        s1[u * P + j] = s1[u * P + j] + d;
+        s2[u * P + j] = at::vec::fmadd(d, d, s2[u * P + j]);
       }
     }
-    for (; i < len; ++i) {
-      const acc_t d = static_cast<acc_t>(q[i]) - center;
-      t1 += d;
-      t2 += d * d;
+  }
+  for (; i + K <= len; i += K) {
+    V v[P];
+    IO::load(q + i, v);
+#pragma GCC unroll 16
+    for (int j = 0; j < P; ++j) {
+      const V d = v[j] - vc;
+      s1[j] = s1[j] + d;
+      s2[j] = at::vec::fmadd(d, d, s2[j]);
     }
   }
-  #pragma GCC unroll 16
+  for (; i < len; ++i) {
+    const acc_t d = static_cast<acc_t>(q[i]) - center;
+    t1 += d;
+    t2 += d * d;
+  }
+#pragma GCC unroll 16
   for (int u = 1; u < U * P; ++u) {
     s1[0] = s1[0] + s1[u];
     s2[0] = s2[0] + s2[u];
@@ -279,9 +271,9 @@ void batch_stats_impl(
 
   parallel_reduce_chunks(
       L,
-      [&](int tid, int64_t c, int64_t offset, int64_t stride, int64_t count, int64_t len) {
-        runs_moments(xp + offset, stride, count, len)
-            .merge_into(partial[static_cast<size_t>(tid) * C + c], count * len);
+      [&](int tid, int64_t c, int64_t offset, int64_t len) {
+        run_moments(xp + offset, len)
+            .merge_into(partial[static_cast<size_t>(tid) * C + c], len);
       },
       [&](int tid, int64_t offset, int64_t nrows) {
         rows_moments(xp + offset, nrows, C,
