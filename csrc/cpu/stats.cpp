@@ -192,6 +192,78 @@ void tile_moments(
   }
 }
 
+// Chan-merges a block summarised as (centre, S1, S2) per channel into the
+// thread's state. All channels share the block's row count, so this is a
+// plain loop over C.
+template <typename acc_t>
+void merge_block(
+    int64_t nrows,
+    int64_t C,
+    const acc_t* center,
+    const acc_t* s1,
+    const acc_t* s2,
+    RowsPartial& part) {
+  const double nb = static_cast<double>(nrows);
+  const double na = static_cast<double>(part.n);
+  const double wb = nb / (na + nb);
+  double* mean = part.mean.data();
+  double* m2 = part.m2.data();
+  for (int64_t c = 0; c < C; ++c) {
+    const double d1 = s1[c];
+    const double mean_b = static_cast<double>(center[c]) + d1 / nb;
+    const double raw = static_cast<double>(s2[c]) - d1 * d1 / nb;
+    const double m2_b = raw < 0.0 ? 0.0 : raw;  // NaN passes
+    const double delta = mean_b - mean[c];
+    mean[c] += delta * wb;
+    m2[c] += m2_b + delta * delta * na * wb;
+  }
+  part.n += nrows;
+}
+
+// S1 = sum(x - centre), S2 = sum((x - centre)^2) over `nrows` rows in one
+// pass in memory order, centre = the thread's current mean.
+template <typename scalar_t>
+void shifted_rows_moments(
+    const scalar_t* p,
+    int64_t nrows,
+    int64_t C,
+    const RowsPartial& part,
+    typename VecIO<scalar_t>::acc_t* center,
+    typename VecIO<scalar_t>::acc_t* s1,
+    typename VecIO<scalar_t>::acc_t* s2) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using V = typename IO::V;
+  constexpr int P = IO::kParts;
+  constexpr int64_t K = IO::kStep;
+  constexpr int64_t W = V::size();
+  for (int64_t c = 0; c < C; ++c) {
+    center[c] = static_cast<acc_t>(part.mean[c]);
+    s1[c] = 0;
+    s2[c] = 0;
+  }
+  for (int64_t r = 0; r < nrows; ++r) {
+    const scalar_t* row = p + r * C;
+    int64_t c = 0;
+    for (; c + K <= C; c += K) {
+      V v[P];
+      IO::load(row + c, v);
+#pragma GCC unroll 16
+      for (int j = 0; j < P; ++j) {
+        const int64_t cj = c + j * W;
+        const V d = v[j] - V::loadu(center + cj);
+        (V::loadu(s1 + cj) + d).store(s1 + cj);
+        at::vec::fmadd(d, d, V::loadu(s2 + cj)).store(s2 + cj);
+      }
+    }
+    for (; c < C; ++c) {
+      const acc_t d = static_cast<acc_t>(row[c]) - center[c];
+      s1[c] += d;
+      s2[c] += d * d;
+    }
+  }
+}
+
 // Adds a block of `nrows` rows of C channels to `part`. `scratch` holds
 // 3 * C acc_t. Channels go in register tiles (see tile_moments); the block's
 // second read comes from L1/L2.
@@ -210,6 +282,14 @@ void rows_moments(
   acc_t* s1 = scratch + C;
   acc_t* s2 = scratch + 2 * C;
 
+  if (part.n > 0) {
+    // The thread's statistics so far give a centre within ~std/4 of the
+    // channel mean, so one streaming pass of shifted sums (no re-read, rows
+    // in memory order) loses nothing to cancellation.
+    shifted_rows_moments(p, nrows, C, part, center, s1, s2);
+    merge_block(nrows, C, center, s1, s2, part);
+    return;
+  }
   int64_t c0 = 0;
   for (; c0 + kTileSteps * K <= C; c0 += kTileSteps * K) {
     tile_moments<scalar_t, kTileSteps>(p, nrows, C, c0, center, s1, s2);
@@ -232,21 +312,7 @@ void rows_moments(
     s2[c0] = t2;
   }
 
-  const double nb = static_cast<double>(nrows);
-  const double na = static_cast<double>(part.n);
-  const double wb = nb / (na + nb);
-  double* mean = part.mean.data();
-  double* m2 = part.m2.data();
-  for (int64_t c = 0; c < C; ++c) {
-    const double d1 = s1[c];
-    const double mean_b = static_cast<double>(center[c]) + d1 / nb;
-    const double raw = static_cast<double>(s2[c]) - d1 * d1 / nb;
-    const double m2_b = raw < 0.0 ? 0.0 : raw;  // NaN passes
-    const double delta = mean_b - mean[c];
-    mean[c] += delta * wb;
-    m2[c] += m2_b + delta * delta * na * wb;
-  }
-  part.n += nrows;
+  merge_block(nrows, C, center, s1, s2, part);
 }
 
 template <typename scalar_t>
