@@ -21,8 +21,14 @@ ops = torch.ops.bnext
 
 
 def output_memory_format(input: torch.Tensor) -> torch.memory_format:
-    """Memory format of bnext outputs: torch's CPU batch-norm rule."""
+    """Memory format of bnext outputs: torch's CPU batch-norm rule (mirrors
+    output_memory_format in csrc/checks.cpp)."""
     if input.dim() in (4, 5):
+        if input.is_contiguous():
+            return torch.contiguous_format
+        cl = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+        if input.is_contiguous(memory_format=cl):
+            return cl
         return suggest_memory_format(input)
     return torch.contiguous_format
 
@@ -52,7 +58,7 @@ def _empty_stat(input: torch.Tensor, dtype=None) -> torch.Tensor:
 def _batch_norm_train_fake(input, weight, bias, eps):
     return (
         _empty_like_output(input),
-        _empty_stat(input),
+        _empty_stat(input, torch.float64),  # save_mean: see csrc/ops.cpp
         _empty_stat(input),
         _empty_stat(input),
     )

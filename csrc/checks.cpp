@@ -69,7 +69,18 @@ void check_batch_norm_args(
 }
 
 at::MemoryFormat output_memory_format(const at::Tensor& input) {
+  // torch's CPU rule: a tensor dense in some format keeps it, checked
+  // contiguous first (ambiguous size-1 layouts resolve like torch's); any
+  // other strides fall back to suggest_memory_format().
   if (input.dim() == 4 || input.dim() == 5) {
+    if (input.is_contiguous()) {
+      return at::MemoryFormat::Contiguous;
+    }
+    const auto cl = input.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                     : at::MemoryFormat::ChannelsLast3d;
+    if (input.is_contiguous(cl)) {
+      return cl;
+    }
     return input.suggest_memory_format();
   }
   return at::MemoryFormat::Contiguous;

@@ -16,8 +16,9 @@ void check_batch_norm_args(
     const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var);
 
-// Memory format of the outputs, following torch's CPU batch norm:
-// suggest_memory_format() for 4-D/5-D input, contiguous otherwise.
+// Memory format of the outputs, following torch's CPU batch norm: a 4-D/5-D
+// input dense as contiguous or channels_last(_3d) keeps that format, other
+// 4-D/5-D strides use suggest_memory_format(), lower ranks are contiguous.
 at::MemoryFormat output_memory_format(const at::Tensor& input);
 
 // Accumulation dtype: float64 for float64 input, float32 otherwise.

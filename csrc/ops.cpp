@@ -10,9 +10,12 @@
 
 TORCH_LIBRARY(bnext, m) {
   // Batch statistics + normalization + affine in one op.
-  // save_mean/save_invstd/unbiased_var are per-channel, in float32 (float64
-  // for float64 input); unbiased_var feeds update_running_stats so that the
-  // running variance never has to be recovered from invstd (lossy near eps).
+  // Per-channel outputs: save_mean in float64 (so backward can subtract the
+  // exact mean even when |mean| >> std; torch's CPU kernels get the same
+  // effect from double accumulators), save_invstd and unbiased_var in
+  // float32 (float64 for float64 input). unbiased_var feeds
+  // update_running_stats so that the running variance never has to be
+  // recovered from invstd (lossy near eps).
   m.def(
       "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, float eps) "
       "-> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor unbiased_var)");

@@ -4,6 +4,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 
 #include <cmath>
 
@@ -59,41 +60,89 @@ at::Tensor unbiased_from_biased(const at::Tensor& var, int64_t n) {
   });
 }
 
-at::Tensor channel_mul(const at::Tensor& a, const at::Tensor& b) {
-  return map_channels(a, [&](auto tag) {
-    using T = decltype(tag);
-    const T* pa = a.const_data_ptr<T>();
-    const T* pb = b.const_data_ptr<T>();
-    return [=](int64_t i) { return pa[i] * pb[i]; };
+NormalizeCoeffs normalize_coeffs(
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const at::Tensor& w,
+    const at::Tensor& b,
+    at::ScalarType acc) {
+  const int64_t C = mean.numel();
+  const auto opts = mean.options().dtype(acc);
+  NormalizeCoeffs out{at::empty({C}, opts), at::empty({C}, opts), at::empty({C}, opts)};
+  AT_DISPATCH_FLOATING_TYPES(acc, "bnext_normalize_coeffs", [&] {
+    const double* m = mean.const_data_ptr<double>();
+    const scalar_t* is = invstd.const_data_ptr<scalar_t>();
+    const scalar_t* pw = w.const_data_ptr<scalar_t>();
+    const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    scalar_t* hi = out.mean_hi.mutable_data_ptr<scalar_t>();
+    scalar_t* alpha = out.alpha.mutable_data_ptr<scalar_t>();
+    scalar_t* beta = out.beta.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      hi[c] = static_cast<scalar_t>(m[c]);
+      const double lo = m[c] - static_cast<double>(hi[c]);
+      alpha[c] = is[c] * pw[c];
+      beta[c] = static_cast<scalar_t>(static_cast<double>(pb[c]) - lo * static_cast<double>(alpha[c]));
+    }
   });
+  return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> train_grad_input_coeffs(
-    const at::Tensor& w,
+BackwardCoeffs backward_coeffs(
+    const at::Tensor& mean,
+    const at::Tensor& reduce_mean,
+    const at::Tensor& kernel_mean,
     const at::Tensor& invstd,
+    const at::Tensor& w,
     const at::Tensor& sum_dy,
     const at::Tensor& sum_dy_xmu,
-    int64_t n) {
+    int64_t n,
+    bool train,
+    at::ScalarType coeff_dtype) {
+  const int64_t C = mean.numel();
+  const auto d_opts = mean.options().dtype(at::kDouble);
+  const bool have_sums = sum_dy.defined();
+  // Everything per channel in double; the centres' offsets from the exact
+  // mean are folded into the constant terms.
+  const at::Tensor rmean = reduce_mean.to(at::kDouble);
+  const at::Tensor kmean = kernel_mean.to(at::kDouble);
+  const at::Tensor invs_d = invstd.to(at::kDouble);
+  const at::Tensor w_d = w.to(at::kDouble);
+  at::Tensor a = at::empty({C}, d_opts), bx = at::zeros({C}, d_opts), k = at::zeros({C}, d_opts);
+  BackwardCoeffs out{a, bx, k, at::empty({have_sums ? C : 0}, d_opts),
+                     at::empty({have_sums ? C : 0}, d_opts)};
+  const double* m = mean.const_data_ptr<double>();
+  const double* rm = rmean.const_data_ptr<double>();
+  const double* km = kmean.const_data_ptr<double>();
+  const double* is = invs_d.const_data_ptr<double>();
+  const double* pw = w_d.const_data_ptr<double>();
+  const double* sdy = have_sums ? sum_dy.const_data_ptr<double>() : nullptr;
+  const double* sxm = have_sums ? sum_dy_xmu.const_data_ptr<double>() : nullptr;
+  double* pa = a.mutable_data_ptr<double>();
+  double* pb = bx.mutable_data_ptr<double>();
+  double* pk = k.mutable_data_ptr<double>();
   const double inv_n = 1.0 / static_cast<double>(n);
-  // dx = w * invstd * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
-  at::Tensor a = channel_mul(w, invstd);
-  at::Tensor b = map_channels(w, [&](auto tag) {
-    using T = decltype(tag);
-    const T* pw = w.const_data_ptr<T>();
-    const T* is = invstd.const_data_ptr<T>();
-    const T* sx = sum_dy_xmu.const_data_ptr<T>();
-    return [=](int64_t i) {
-      return -pw[i] * is[i] * is[i] * is[i] * sx[i] * static_cast<T>(inv_n);
-    };
-  });
-  at::Tensor c = map_channels(w, [&](auto tag) {
-    using T = decltype(tag);
-    const T* pw = w.const_data_ptr<T>();
-    const T* is = invstd.const_data_ptr<T>();
-    const T* s = sum_dy.const_data_ptr<T>();
-    return [=](int64_t i) { return -pw[i] * is[i] * s[i] * static_cast<T>(inv_n); };
-  });
-  return {a, b, c};
+  for (int64_t c = 0; c < C; ++c) {
+    pa[c] = pw[c] * is[c];
+    if (!have_sums) {
+      continue;
+    }
+    const double s = sdy[c];
+    const double sx = sxm[c] - (m[c] - rm[c]) * s;  // sum dy * (x - mean)
+    out.grad_weight.mutable_data_ptr<double>()[c] = sx * is[c];
+    out.grad_bias.mutable_data_ptr<double>()[c] = s;
+    if (train) {
+      // dx = w*invstd*(dy - mean(dy) - (x - mean)*invstd^2*mean(dy*(x - mean)))
+      const double b = -pw[c] * is[c] * is[c] * is[c] * sx * inv_n;
+      pb[c] = b;
+      pk[c] = -pw[c] * is[c] * s * inv_n - (m[c] - km[c]) * b;
+    }
+  }
+  if (coeff_dtype != at::kDouble) {
+    out.a = a.to(coeff_dtype);
+    out.bx = bx.to(coeff_dtype);
+    out.k = k.to(coeff_dtype);
+  }
+  return out;
 }
 
 namespace {

@@ -1,6 +1,10 @@
 // Per-channel (length C) arithmetic between the passes over the data: turning
-// statistics into the coefficients the elementwise kernels consume. All
-// tensors here are contiguous (C,) in the accumulation dtype.
+// statistics into the coefficients the elementwise kernels consume.
+//
+// Means are carried in float64. Kernels subtract a float `mean_hi`, and the
+// remainder lo = mean - mean_hi is folded into the per-channel constant term
+// here, so (x - mean) is effectively exact even when |mean| >> std, at no
+// per-element cost.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -9,30 +13,50 @@
 
 namespace bnext::cpu {
 
-// `t` converted to acc dtype and made contiguous, or `fill` when absent.
+// `t` converted to `dtype` and made contiguous, or `fill` when absent.
 at::Tensor channel_param(
     const std::optional<at::Tensor>& t,
     int64_t channels,
-    at::ScalarType acc,
+    at::ScalarType dtype,
     double fill);
 
-// invstd = 1 / sqrt(var + eps)
+// invstd = 1 / sqrt(var + eps), in var's dtype.
 at::Tensor invstd_from_var(const at::Tensor& var, double eps);
 
 // var * n / (n - 1): Bessel's correction for the running variance.
 at::Tensor unbiased_from_biased(const at::Tensor& var, int64_t n);
 
-// Elementwise product a * b.
-at::Tensor channel_mul(const at::Tensor& a, const at::Tensor& b);
-
-// Coefficients of grad_input = dy * a + (x - mean) * b + c for training mode,
-// from weight w, invstd and the backward sums over n elements per channel.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> train_grad_input_coeffs(
-    const at::Tensor& w,
+// Coefficients of out = (x - mean_hi) * alpha + beta, all (C,) in `acc`,
+// equal to (x - mean) * invstd * w + b for the float64 `mean`.
+struct NormalizeCoeffs {
+  at::Tensor mean_hi, alpha, beta;
+};
+NormalizeCoeffs normalize_coeffs(
+    const at::Tensor& mean,
     const at::Tensor& invstd,
-    const at::Tensor& sum_dy,
-    const at::Tensor& sum_dy_xmu,
-    int64_t n);
+    const at::Tensor& w,
+    const at::Tensor& b,
+    at::ScalarType acc);
+
+// Backward in one place: grad_input = dy * a + (x - kernel_mean) * bx + k
+// and the grad_weight/grad_bias sums, from the float64 sums that the
+// reduction took around `reduce_mean`. a, bx, k come out in `coeff_dtype`.
+struct BackwardCoeffs {
+  at::Tensor a, bx, k;       // (C,) coeff_dtype: grad_input coefficients
+  at::Tensor grad_weight;    // (C,) float64: sum dy * (x - mean) * invstd
+  at::Tensor grad_bias;      // (C,) float64: sum dy
+};
+BackwardCoeffs backward_coeffs(
+    const at::Tensor& mean,         // float64
+    const at::Tensor& reduce_mean,  // centre of sum_dy_xmu (any float dtype)
+    const at::Tensor& kernel_mean,  // centre the elementwise kernel subtracts
+    const at::Tensor& invstd,       // acc
+    const at::Tensor& w,            // acc
+    const at::Tensor& sum_dy,       // float64, may be undefined if unused
+    const at::Tensor& sum_dy_xmu,   // float64, may be undefined
+    int64_t n,
+    bool train,
+    at::ScalarType coeff_dtype);
 
 // running = (1 - f) * running + f * batch for mean and var together. Both new
 // values are computed before either buffer is written.

@@ -8,7 +8,9 @@
 namespace bnext::cpu {
 
 // Per-channel batch mean and biased variance (Welford/Chan, never
-// E[x^2] - E[x]^2). Returns (mean, biased_var), each (C,) in acc dtype.
+// E[x^2] - E[x]^2). Returns (mean, biased_var): mean (C,) in float64 (the
+// combine's precision, kept so that normalization can subtract it exactly),
+// var (C,) in acc dtype.
 std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x);
 
 // out = (x - mean) * alpha + beta, channel-wise; alpha/beta/mean are (C,) in
@@ -20,13 +22,14 @@ void normalize(
     const at::Tensor& beta,
     at::Tensor& out);
 
-// Per-channel sums of dy and dy * (x - mean), one pass, in acc dtype.
+// Per-channel sums of dy and dy * (x - mean), one pass, returned in float64.
 std::tuple<at::Tensor, at::Tensor> backward_reduce(
     const at::Tensor& dy,
     const at::Tensor& x,
     const at::Tensor& mean);
 
-// dx = dy * a + (x - mean) * b + c, channel-wise (b, c may be zero: then x is
+// dx = dy * a + (x - mean) * b + c, channel-wise. float32 input with float64
+// mean/a/b/c is evaluated in double per element. (b, c may be zero: then x is
 // not read when `use_x` is false).
 void backward_elementwise(
     const at::Tensor& dy,

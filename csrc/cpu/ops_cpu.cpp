@@ -40,11 +40,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train(
   auto [mean, var] = batch_stats(x);
   Tensor invstd = invstd_from_var(var, eps);
   Tensor unbiased = unbiased_from_biased(var, per_channel_count(input));
-  const Tensor alpha = channel_mul(invstd, channel_param(weight, C, acc, 1.0));
-  const Tensor beta = channel_param(bias, C, acc, 0.0);
+  const NormalizeCoeffs k = normalize_coeffs(
+      mean, invstd, channel_param(weight, C, acc, 1.0), channel_param(bias, C, acc, 0.0), acc);
 
   Tensor out = empty_output(input, fmt);
-  normalize(x, mean, alpha, beta, out);
+  normalize(x, k.mean_hi, k.alpha, k.beta, out);
   return {out, mean, invstd, unbiased};
 }
 
@@ -63,14 +63,14 @@ Tensor batch_norm_eval(
   const int64_t C = input.size(1);
   const at::ScalarType acc = acc_dtype(input.scalar_type());
 
-  const Tensor mean = channel_param(running_mean, C, acc, 0.0);
   const Tensor invstd =
       invstd_from_var(channel_param(running_var, C, acc, 1.0), eps);
-  const Tensor alpha = channel_mul(invstd, channel_param(weight, C, acc, 1.0));
-  const Tensor beta = channel_param(bias, C, acc, 0.0);
+  const NormalizeCoeffs k = normalize_coeffs(
+      channel_param(running_mean, C, at::kDouble, 0.0), invstd,
+      channel_param(weight, C, acc, 1.0), channel_param(bias, C, acc, 0.0), acc);
 
   Tensor out = empty_output(input, fmt);
-  normalize(x, mean, alpha, beta, out);
+  normalize(x, k.mean_hi, k.alpha, k.beta, out);
   return out;
 }
 
@@ -152,16 +152,16 @@ batch_norm_backward(
     TORCH_CHECK(
         save_mean.has_value() && save_invstd.has_value(),
         "batch_norm_backward: train=True needs save_mean and save_invstd");
-    mean = channel_param(save_mean, C, acc, 0.0);
+    mean = channel_param(save_mean, C, at::kDouble, 0.0);
     invstd = channel_param(save_invstd, C, acc, 1.0);
   } else {
     TORCH_CHECK(
         running_mean.has_value() && running_var.has_value(),
         "batch_norm_backward: train=False needs running_mean and running_var");
-    mean = channel_param(running_mean, C, acc, 0.0);
+    mean = channel_param(running_mean, C, at::kDouble, 0.0);
     invstd = invstd_from_var(channel_param(running_var, C, acc, 1.0), eps);
   }
-  const Tensor w = channel_param(weight, C, acc, 1.0);
+  const Tensor mean_hi = mean.to(acc);
   const bool has_weight = weight.has_value() && weight->defined();
   const at::ScalarType param_dtype = has_weight ? weight->scalar_type() : acc;
 
@@ -169,26 +169,28 @@ batch_norm_backward(
       output_mask[1] || output_mask[2] || (train && output_mask[0]);
   Tensor sum_dy, sum_dy_xmu;
   if (need_sums) {
-    std::tie(sum_dy, sum_dy_xmu) = backward_reduce(dy, x, mean);
+    std::tie(sum_dy, sum_dy_xmu) = backward_reduce(dy, x, mean_hi);
   }
+  // float32 training grad_input is evaluated in double per element (see
+  // backward_elementwise_f32_exact), so it gets float64 coefficients and
+  // subtracts the float64 mean; other dtypes use acc-dtype coefficients.
+  const bool exact_f32 = train && input.scalar_type() == at::kFloat;
+  const Tensor kernel_mean = exact_f32 ? mean : mean_hi;
+  const BackwardCoeffs k = backward_coeffs(
+      mean, mean_hi, kernel_mean, invstd, channel_param(weight, C, acc, 1.0),
+      sum_dy, sum_dy_xmu, n, train, exact_f32 ? at::kDouble : acc);
 
   optional<Tensor> grad_input, grad_weight, grad_bias;
   if (output_mask[0]) {
     Tensor dx = empty_output(input, fmt);
-    if (train) {
-      auto [a, b, c] = train_grad_input_coeffs(w, invstd, sum_dy, sum_dy_xmu, n);
-      backward_elementwise(dy, x, mean, a, b, c, /*use_x=*/true, dx);
-    } else {
-      const Tensor a = channel_mul(w, invstd);
-      backward_elementwise(dy, x, mean, a, a, a, /*use_x=*/false, dx);
-    }
+    backward_elementwise(dy, x, kernel_mean, k.a, k.bx, k.k, /*use_x=*/train, dx);
     grad_input = dx;
   }
   if (output_mask[1]) {
-    grad_weight = channel_mul(sum_dy_xmu, invstd).to(param_dtype);
+    grad_weight = k.grad_weight.to(param_dtype);
   }
   if (output_mask[2]) {
-    grad_bias = sum_dy.to(param_dtype);
+    grad_bias = k.grad_bias.to(param_dtype);
   }
   return {grad_input, grad_weight, grad_bias};
 }

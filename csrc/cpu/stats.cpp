@@ -346,7 +346,7 @@ void batch_stats_impl(
                      scratch.data() + static_cast<size_t>(tid) * 3 * C, rows_partial[tid]);
       });
 
-  acc_t* mean = mean_out.mutable_data_ptr<acc_t>();
+  double* mean = mean_out.mutable_data_ptr<double>();
   acc_t* var = var_out.mutable_data_ptr<acc_t>();
   for (int64_t c = 0; c < C; ++c) {
     WelfordStat total;
@@ -360,7 +360,7 @@ void batch_stats_impl(
     }
     // An empty batch has no statistics; 0/0 here would leak NaN into the
     // (empty) output's gradients, so report mean 0 and variance 0.
-    mean[c] = static_cast<acc_t>(total.n > 0 ? total.mean : 0.0);
+    mean[c] = total.n > 0 ? total.mean : 0.0;
     var[c] = static_cast<acc_t>(
         total.n > 0 ? total.m2 / static_cast<double>(total.n) : 0.0);
   }
@@ -371,7 +371,7 @@ void batch_stats_impl(
 std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x) {
   const ChannelLayout L = make_layout(x);
   const auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
-  at::Tensor mean = at::empty({L.C}, opts);
+  at::Tensor mean = at::empty({L.C}, opts.dtype(at::kDouble));
   at::Tensor var = at::empty({L.C}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_stats", [&] {

@@ -89,3 +89,25 @@ struct ToDouble {
 };
 
 }  // namespace bnext::cpu
+
+namespace bnext::cpu {
+
+// Narrows two double vectors (lanes in order) to one float vector.
+inline Vectorized<float> to_float(const Vectorized<double>& lo, const Vectorized<double>& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vectorized<float>(_mm512_insertf32x8(
+      _mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return Vectorized<float>(_mm256_insertf128_ps(
+      _mm256_castps128_ps256(_mm256_cvtpd_ps(lo)), _mm256_cvtpd_ps(hi), 1));
+#else
+  alignas(64) double db[Vectorized<float>::size()];
+  alignas(64) float fb[Vectorized<float>::size()];
+  lo.store(db);
+  hi.store(db + Vectorized<double>::size());
+  for (int64_t i = 0; i < Vectorized<float>::size(); ++i) fb[i] = static_cast<float>(db[i]);
+  return Vectorized<float>::loadu(fb);
+#endif
+}
+
+}  // namespace bnext::cpu
