@@ -120,6 +120,8 @@ BackwardCoeffs backward_coeffs(
   double* pa = a.mutable_data_ptr<double>();
   double* pb = bx.mutable_data_ptr<double>();
   double* pk = k.mutable_data_ptr<double>();
+  double* gw = have_sums ? out.grad_weight.mutable_data_ptr<double>() : nullptr;
+  double* gb = have_sums ? out.grad_bias.mutable_data_ptr<double>() : nullptr;
   const double inv_n = 1.0 / static_cast<double>(n);
   for (int64_t c = 0; c < C; ++c) {
     pa[c] = pw[c] * is[c];
@@ -128,8 +130,8 @@ BackwardCoeffs backward_coeffs(
     }
     const double s = sdy[c];
     const double sx = sxm[c] - (m[c] - rm[c]) * s;  // sum dy * (x - mean)
-    out.grad_weight.mutable_data_ptr<double>()[c] = sx * is[c];
-    out.grad_bias.mutable_data_ptr<double>()[c] = s;
+    gw[c] = sx * is[c];
+    gb[c] = s;
     if (train) {
       // dx = w*invstd*(dy - mean(dy) - (x - mean)*invstd^2*mean(dy*(x - mean)))
       const double b = -pw[c] * is[c] * is[c] * is[c] * sx * inv_n;
