@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_batch_norm_args
+from ._autograd import BatchNormEvalFn, BatchNormTrainFn
 from ._ops import ops
 
 __all__ = ["batch_norm"]
@@ -92,11 +93,11 @@ def _batch_norm(
     """
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     if not training:
-        return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+        return BatchNormEvalFn.apply(input, running_mean, running_var, weight, bias, eps)
 
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    output, save_mean, _, unbiased_var = ops.batch_norm_train(input, weight, bias, eps)
+    output, save_mean, _, unbiased_var = BatchNormTrainFn.apply(input, weight, bias, eps)
     # An empty batch has no statistics: torch leaves the running stats as they are.
     if running_mean is not None and input.numel() > 0:
         if momentum is None and num_batches_tracked is None:
