@@ -7,6 +7,7 @@ signature, and model converters. All computation runs in bnext's own C++
 
 from . import functional
 from ._ops import ops
+from . import _autograd  # noqa: F401  (autograd formulas)
 from . import _vmap  # noqa: F401  (batching rules for torch.vmap)
 from .convert import convert_batchnorm, revert_batchnorm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d

@@ -1,16 +1,19 @@
-"""autograd.Functions that the functional API and the modules call.
+"""Autograd for bnext's ops: first and second derivatives, and torch.func.
 
-The ops also carry ``register_autograd`` formulas (``_ops.py``) for direct
-callers, but torch 2.13 builds those as legacy ``autograd.Function``s without
-``setup_context``, which torch.func (grad, vjp, jacrev, vmap of grad) refuses.
-These new-style Functions give the same first derivatives through the same
-kernels, plus:
+* The two forward ops get ``torch.library.register_autograd`` formulas. This
+  is the path of ordinary eager calls, torch.compile and torch.export.
+* Their backward goes through ``_BackwardFn``, whose own backward is the
+  closed-form VJP in ``_double_backward.py``: double backward (and higher,
+  through autograd of that formula) works.
+* torch 2.13 builds register_autograd formulas as legacy autograd.Functions
+  without ``setup_context``, which torch.func transforms (grad, vjp, jacrev,
+  vmap over grad) refuse. ``BatchNormTrainFn``/``BatchNormEvalFn`` are the
+  same derivatives as new-style Functions; ``train_forward``/``eval_forward``
+  use them only while a torch.func transform is active, because
+  ``autograd.Function.apply`` costs about 10 us more per call.
 
-* ``setup_context`` and ``generate_vmap_rule``, so torch.func transforms work;
-* a backward that is itself differentiable (``_BackwardFn``), so double
-  backward works, with the second derivatives in ``_double_backward.py``.
-
-Inside ``forward`` grad mode is off, so the ops run their kernels directly.
+``update_running_stats`` mutates its inputs, so torch.library refuses an
+autograd formula for it; its inputs are statistics and need none.
 """
 
 import torch
@@ -59,11 +62,56 @@ class _BackwardFn(torch.autograd.Function):
 
 def _first_backward(grad_output, input, weight, bias, running_mean, running_var,
                     save_mean, save_invstd, train, eps, needs):
-    grad_input, grad_weight, grad_bias = _BackwardFn.apply(
-        grad_output, input, weight, running_mean, running_var, save_mean,
-        save_invstd, train, eps, needs[0], needs[1], needs[2],
-    )
+    args = (grad_output, input, weight, running_mean, running_var, save_mean,
+            save_invstd, train, eps)
+    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+        # create_graph=True or a torch.func transform: record a differentiable node.
+        grads = _BackwardFn.apply(*args, needs[0], needs[1], needs[2])
+    else:
+        grads = ops.batch_norm_backward(*args, list(needs))
+    grad_input, grad_weight, grad_bias = grads
     return grad_input, grad_weight, _cast_like(grad_bias, bias)
+
+
+def _train_setup_context(ctx, inputs, output):
+    input, weight, bias, eps = inputs
+    _, save_mean, save_invstd, unbiased_var = output
+    ctx.mark_non_differentiable(save_mean, save_invstd, unbiased_var)
+    ctx.save_for_backward(input, weight, bias, save_mean, save_invstd)
+    ctx.eps = eps
+
+
+def _train_backward(ctx, grad_output, _grad_mean, _grad_invstd, _grad_var):
+    input, weight, bias, save_mean, save_invstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grads = _first_backward(grad_output, input, weight, bias, None, None,
+                            save_mean, save_invstd, True, ctx.eps,
+                            (needs[0], needs[1], needs[2]))
+    return (*grads, None)
+
+
+def _eval_setup_context(ctx, inputs, output):
+    input, running_mean, running_var, weight, bias, eps = inputs
+    ctx.save_for_backward(input, running_mean, running_var, weight, bias)
+    ctx.eps = eps
+
+
+def _eval_backward(ctx, grad_output):
+    input, running_mean, running_var, weight, bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_input, grad_weight, grad_bias = _first_backward(
+        grad_output, input, weight, bias, running_mean, running_var, None, None,
+        False, ctx.eps, (needs[0], needs[3], needs[4]))
+    # Like torch's batch norm, the running statistics get no gradient.
+    return grad_input, None, None, grad_weight, grad_bias, None
+
+
+torch.library.register_autograd(
+    "bnext::batch_norm_train", _train_backward, setup_context=_train_setup_context
+)
+torch.library.register_autograd(
+    "bnext::batch_norm_eval", _eval_backward, setup_context=_eval_setup_context
+)
 
 
 class BatchNormTrainFn(torch.autograd.Function):
@@ -76,22 +124,8 @@ class BatchNormTrainFn(torch.autograd.Function):
     def forward(input, weight, bias, eps):
         return ops.batch_norm_train(input, weight, bias, eps)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, eps = inputs
-        _, save_mean, save_invstd, unbiased_var = output
-        ctx.mark_non_differentiable(save_mean, save_invstd, unbiased_var)
-        ctx.save_for_backward(input, weight, bias, save_mean, save_invstd)
-        ctx.eps = eps
-
-    @staticmethod
-    def backward(ctx, grad_output, _grad_mean, _grad_invstd, _grad_var):
-        input, weight, bias, save_mean, save_invstd = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        grads = _first_backward(grad_output, input, weight, bias, None, None,
-                                save_mean, save_invstd, True, ctx.eps,
-                                (needs[0], needs[1], needs[2]))
-        return (*grads, None)
+    setup_context = staticmethod(_train_setup_context)
+    backward = staticmethod(_train_backward)
 
 
 class BatchNormEvalFn(torch.autograd.Function):
@@ -104,17 +138,19 @@ class BatchNormEvalFn(torch.autograd.Function):
     def forward(input, running_mean, running_var, weight, bias, eps):
         return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, running_mean, running_var, weight, bias, eps = inputs
-        ctx.save_for_backward(input, running_mean, running_var, weight, bias)
-        ctx.eps = eps
+    setup_context = staticmethod(_eval_setup_context)
+    backward = staticmethod(_eval_backward)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, running_mean, running_var, weight, bias = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        grad_input, grad_weight, grad_bias = _first_backward(
-            grad_output, input, weight, bias, running_mean, running_var, None, None,
-            False, ctx.eps, (needs[0], needs[3], needs[4]))
-        return grad_input, None, None, grad_weight, grad_bias, None
+
+def train_forward(input, weight, bias, eps):
+    """``bnext::batch_norm_train`` with autograd that torch.func accepts."""
+    if torch._C._are_functorch_transforms_active():
+        return BatchNormTrainFn.apply(input, weight, bias, eps)
+    return ops.batch_norm_train(input, weight, bias, eps)
+
+
+def eval_forward(input, running_mean, running_var, weight, bias, eps):
+    """``bnext::batch_norm_eval`` with autograd that torch.func accepts."""
+    if torch._C._are_functorch_transforms_active():
+        return BatchNormEvalFn.apply(input, running_mean, running_var, weight, bias, eps)
+    return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)

@@ -2,14 +2,9 @@
 
 Every op is declared once in ``csrc/ops.cpp``. This module adds, per op:
 
-* a fake (meta) kernel, whose output sizes, strides, dtypes and devices equal
-  the real kernels' (checked by ``torch.library.opcheck`` in the tests);
-* for the two differentiable forward ops, an autograd formula that runs
-  ``bnext::batch_norm_backward``.
-
-``update_running_stats`` mutates its inputs and therefore gets no autograd
-formula (torch.library refuses one); its inputs are non-differentiable
-statistics, so none is needed.
+a fake (meta) kernel, whose output sizes, strides, dtypes and devices equal
+the real kernels' (checked by ``torch.library.opcheck`` in the tests).
+Autograd formulas live in ``_autograd.py``, batching rules in ``_vmap.py``.
 """
 
 import torch
@@ -95,55 +90,3 @@ def _batch_norm_backward_fake(
         _empty_stat(input, param_dtype) if output_mask[1] else None,
         _empty_stat(input, param_dtype) if output_mask[2] else None,
     )
-
-
-# -------------------------------------------------------------------- autograd
-
-
-def _cast_like(grad, param):
-    # grad_bias comes back in the weight's dtype (or the statistics dtype when
-    # there is no weight); a bias-only call may hold the bias in another dtype.
-    if grad is None or param is None or grad.dtype == param.dtype:
-        return grad
-    return grad.to(param.dtype)
-
-
-def _train_setup_context(ctx, inputs, output):
-    input, weight, bias, eps = inputs
-    _, save_mean, save_invstd, unbiased_var = output
-    ctx.mark_non_differentiable(save_mean, save_invstd, unbiased_var)
-    ctx.save_for_backward(input, weight, bias, save_mean, save_invstd)
-    ctx.eps = eps
-
-
-def _train_backward(ctx, grad_output, _grad_mean, _grad_invstd, _grad_var):
-    input, weight, bias, save_mean, save_invstd = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-    grad_input, grad_weight, grad_bias = ops.batch_norm_backward(
-        grad_output, input, weight, None, None, save_mean, save_invstd, True, ctx.eps, mask
-    )
-    return grad_input, grad_weight, _cast_like(grad_bias, bias), None
-
-
-def _eval_setup_context(ctx, inputs, output):
-    input, running_mean, running_var, weight, bias, eps = inputs
-    ctx.save_for_backward(input, running_mean, running_var, weight, bias)
-    ctx.eps = eps
-
-
-def _eval_backward(ctx, grad_output):
-    input, running_mean, running_var, weight, bias = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]]
-    grad_input, grad_weight, grad_bias = ops.batch_norm_backward(
-        grad_output, input, weight, running_mean, running_var, None, None, False, ctx.eps, mask
-    )
-    # Like torch's batch norm, the running statistics get no gradient.
-    return grad_input, None, None, grad_weight, _cast_like(grad_bias, bias), None
-
-
-torch.library.register_autograd(
-    "bnext::batch_norm_train", _train_backward, setup_context=_train_setup_context
-)
-torch.library.register_autograd(
-    "bnext::batch_norm_eval", _eval_backward, setup_context=_eval_setup_context
-)

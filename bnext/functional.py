@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_batch_norm_args
-from ._autograd import BatchNormEvalFn, BatchNormTrainFn
+from ._autograd import eval_forward, train_forward
 from ._ops import ops
 
 __all__ = ["batch_norm"]
@@ -93,11 +93,11 @@ def _batch_norm(
     """
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     if not training:
-        return BatchNormEvalFn.apply(input, running_mean, running_var, weight, bias, eps)
+        return eval_forward(input, running_mean, running_var, weight, bias, eps)
 
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    output, save_mean, _, unbiased_var = BatchNormTrainFn.apply(input, weight, bias, eps)
+    output, save_mean, _, unbiased_var = train_forward(input, weight, bias, eps)
     # An empty batch has no statistics: torch leaves the running stats as they are.
     if running_mean is not None and input.numel() > 0:
         if momentum is None and num_batches_tracked is None:
