@@ -11,11 +11,11 @@ import bnext
 
 
 class Net(torch.nn.Module):
-    def __init__(self, momentum=0.1, track=True):
+    def __init__(self, momentum=0.1, track=True, affine=True, bn=bnext):
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.bn2 = bnext.BatchNorm2d(8, momentum=momentum, track_running_stats=track)
-        self.bn1 = bnext.BatchNorm1d(8, momentum=momentum, track_running_stats=track)
+        self.bn2 = bn.BatchNorm2d(8, momentum=momentum, track_running_stats=track, affine=affine)
+        self.bn1 = bn.BatchNorm1d(8, momentum=momentum, track_running_stats=track, affine=affine)
         self.fc = torch.nn.Linear(8, 4)
 
     def forward(self, x):
@@ -31,11 +31,15 @@ def _buffers(m):
     return [b.clone() for b in m.buffers()]
 
 
-@pytest.mark.parametrize("momentum,track", [(0.1, True), (None, True), (0.1, False)],
-                         ids=["momentum0.1", "momentumNone", "notrack"])
-def test_compile_fullgraph_matches_eager(momentum, track, device):
+CONFIGS = [(0.1, True, True), (None, True, True), (0.1, False, True), (0.1, True, False),
+           (None, False, False)]
+CONFIG_IDS = ["momentum0.1", "momentumNone", "notrack", "noaffine", "momentumNone-notrack-noaffine"]
+
+
+@pytest.mark.parametrize("momentum,track,affine", CONFIGS, ids=CONFIG_IDS)
+def test_compile_fullgraph_matches_eager(momentum, track, affine, device):
     torch._dynamo.reset()
-    eager = Net(momentum, track).to(device)
+    eager = Net(momentum, track, affine).to(device)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True, backend="inductor")
 
@@ -72,3 +76,51 @@ def test_compile_uses_bnext_ops(device):
     src = "\n".join(code)
     assert "bnext.batch_norm_train" in src and "bnext.update_running_stats" in src
     assert "native_batch_norm" not in src
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "momentumNone"])
+def test_compile_dynamic_batch_sizes_one_graph(momentum, device):
+    """dynamic=True: changing batch sizes, train and eval, reuse one graph per
+    mode, and every step equals eager (outputs, gradients, buffers)."""
+    torch._dynamo.reset()
+    eager = Net(momentum).to(device)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=True)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    # The first batch size differs from every other dim, or duck sizing would
+    # tie it to the channel count and specialize it.
+    for n in (5, 8, 3, 6, 11):
+        x = torch.randn(n, 3, 6, 6, device=device)
+        ye, yc = eager(x), compiled(x)
+        torch.testing.assert_close(yc, ye)
+        ye.sum().backward()
+        yc.sum().backward()
+        for ge, gc in zip(_grads(eager), _grads(compiled_model)):
+            torch.testing.assert_close(gc, ge)
+        for be, bc in zip(_buffers(eager), _buffers(compiled_model)):
+            torch.testing.assert_close(bc, be)
+        eager.zero_grad()
+        compiled_model.zero_grad()
+    assert counters["stats"]["unique_graphs"] == 1, "recompiled for a new batch size"
+    eager.eval()
+    compiled_model.eval()
+    for n in (2, 7, 4):
+        x = torch.randn(n, 3, 6, 6, device=device)
+        torch.testing.assert_close(compiled(x), eager(x))
+    assert counters["stats"]["unique_graphs"] == 2, "eval recompiled for a new batch size"
+
+
+def test_momentum_none_fullgraph_where_torch_fails(device):
+    """bnext does better than torch here: torch 2.13's own BatchNorm with
+    momentum=None breaks fullgraph compilation (a data-dependent guard on
+    1 / num_batches_tracked, pytorch/pytorch#194504); bnext computes that
+    factor inside its update op and compiles to one graph."""
+    torch._dynamo.reset()
+    x = torch.randn(4, 3, 6, 6, device=device)
+    torch_model = torch.compile(Net(None, bn=torch.nn).to(device), fullgraph=True)
+    with pytest.raises(Exception):
+        torch_model(x)
+    torch._dynamo.reset()
+    bnext_model = torch.compile(Net(None).to(device), fullgraph=True)
+    bnext_model(x)
