@@ -11,6 +11,9 @@ from . import _autograd  # noqa: F401  (autograd formulas)
 from . import _vmap  # noqa: F401  (batching rules for torch.vmap)
 from .convert import convert_batchnorm, revert_batchnorm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .freeze import freeze_batchnorm, unfreeze_batchnorm
+from .fold import fold_batchnorm
 
 __version__ = "0.1.0"
 
@@ -18,7 +21,13 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
     "convert_batchnorm",
+    "fold_batchnorm",
+    "freeze_batchnorm",
+    "unfreeze_batchnorm",
     "revert_batchnorm",
     "functional",
     "ops",

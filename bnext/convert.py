@@ -26,16 +26,27 @@ def _retyped(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     return new
 
 
-def _swap(module: torch.nn.Module, table: dict, memo: dict) -> torch.nn.Module:
-    if id(module) in memo:  # a module used twice stays one module
+def replace_modules(module: torch.nn.Module, replace, memo=None) -> torch.nn.Module:
+    """Apply ``replace(m) -> new module or None (keep m)`` to every module,
+    children in place; a module used twice is replaced by one new module."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
         return memo[id(module)]
-    cls = table.get(type(module))
-    out = _retyped(module, cls) if cls is not None else module
+    new = replace(module)
+    out = module if new is None else new
     memo[id(module)] = out
     for name, child in list(out._modules.items()):
         if child is not None:
-            out._modules[name] = _swap(child, table, memo)
+            out._modules[name] = replace_modules(child, replace, memo)
     return out
+
+
+def _swap(module: torch.nn.Module, table: dict, memo: dict) -> torch.nn.Module:
+    def replace(m):
+        cls = table.get(type(m))
+        return _retyped(m, cls) if cls is not None else None
+
+    return replace_modules(module, replace, memo)
 
 
 def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
