@@ -159,7 +159,7 @@ def _has_submodule(gm, target):
         return False
 
 
-def fold_batchnorm(model):
+def fold_batchnorm(model, *, dynamic_shapes=None):
     """Return an equivalent inference model with eval batch norms folded into
     the Conv1d/2d/3d (grouped and bias-free included), ConvTranspose1d/2d/3d
     or Linear layer right before them.
@@ -171,8 +171,10 @@ def fold_batchnorm(model):
       folded);
     * otherwise a copy of ``model`` in which adjacent (layer, BN) pairs inside
       every ``nn.Sequential`` are folded (the BN slot becomes ``nn.Identity``);
-    * for a ``torch.export.ExportedProgram``, a re-exported program with the
-      folds applied to its graph (see :func:`bnext._fold_export`).
+    * for a ``torch.export.ExportedProgram``, the same folds applied to its
+      graph (bnext's ``batch_norm_eval`` and aten ``batch_norm`` nodes fed by
+      conv / conv_transpose / linear nodes), re-exported with the program's
+      example inputs; pass ``dynamic_shapes`` to keep dynamic dimensions.
 
     A fold needs the BN in eval mode with running statistics (or a frozen BN)
     and channel counts that match. BNs that cannot be folded stay, converted
@@ -187,7 +189,7 @@ def fold_batchnorm(model):
     if isinstance(model, torch.export.ExportedProgram):
         from ._fold_export import fold_exported
 
-        return fold_exported(model)
+        return fold_exported(model, dynamic_shapes)
     if model.training:
         raise ValueError("fold_batchnorm needs an eval model: call model.eval() first")
     model = copy.deepcopy(model)

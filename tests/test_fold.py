@@ -150,3 +150,22 @@ def test_frozen_bn_folds_and_train_bn_does_not():
     model.train()
     with pytest.raises(ValueError, match="eval"):
         bnext.fold_batchnorm(model)
+
+
+@pytest.mark.parametrize("bn_kind", ["bnext", "torch"])
+def test_fold_exported_program(bn_kind):
+    torch.manual_seed(0)
+    ns = bnext if bn_kind == "bnext" else nn
+    model = _warm(nn.Sequential(
+        nn.Conv2d(3, 4, 3), ns.BatchNorm2d(4), nn.ReLU(),
+        nn.ConvTranspose2d(4, 4, 1, bias=False, groups=2), ns.BatchNorm2d(4),
+        nn.Conv2d(4, 4, 1), nn.Flatten(), nn.Linear(4 * 16, 3), ns.BatchNorm1d(3),
+    ), (5, 3, 6, 6))
+    ep = torch.export.export(model, (torch.randn(2, 3, 6, 6),))
+    folded = bnext.fold_batchnorm(ep)
+    assert isinstance(folded, torch.export.ExportedProgram)
+    targets = [str(n.target) for n in folded.graph.nodes]
+    assert not any("batch_norm" in t for t in targets), targets
+    assert not any("running_mean" in k for k in folded.state_dict)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(folded.module()(x), model(x))
