@@ -14,6 +14,7 @@ from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .freeze import freeze_batchnorm, unfreeze_batchnorm
 from .fold import fold_batchnorm
+from .recalibrate import recalibrate_batchnorm
 
 __version__ = "0.1.0"
 
@@ -30,5 +31,6 @@ __all__ = [
     "unfreeze_batchnorm",
     "revert_batchnorm",
     "functional",
+    "recalibrate_batchnorm",
     "ops",
 ]

@@ -1,0 +1,182 @@
+"""Exact population statistics for every batch norm ("precise BN").
+
+Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021), §3: replace the
+running averages, which lag behind the final weights, with the true mean and
+variance of each BN's inputs over a set of batches.
+"""
+
+import itertools
+
+import torch
+import torch.distributed as dist
+
+from ._ops import ops
+from .frozen import _FrozenBatchNorm
+
+__all__ = ["recalibrate_batchnorm"]
+
+_BN = torch.nn.modules.batchnorm._BatchNorm
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the BN being calibrated has seen its input."""
+
+
+class _Moments:
+    """Per-channel count, mean and sum of squared deviations (M2), in float64,
+    merged with Chan et al.'s pairwise update (never E[x^2] - E[x]^2)."""
+
+    def __init__(self, channels, device):
+        z = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.n, self.mean, self.m2 = 0.0, z, z.clone()
+
+    def merge(self, n, mean, m2):
+        if n == 0:
+            return
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta * delta * (self.n * n / total)
+        self.n = total
+
+    def add_batch(self, x):
+        n = x.numel() // x.shape[1]
+        if n == 0:
+            return
+        if n == 1:  # one value per channel: it is the mean, with no spread
+            self.merge(1, x.reshape(-1).to(torch.float64), torch.zeros_like(self.mean))
+            return
+        # bnext's training kernel gives the batch mean (float64) and unbiased
+        # variance of the batch; the normalized output is not needed.
+        _, mean, _, unbiased_var = ops.batch_norm_train(x, None, None, 1e-5)
+        self.merge(n, mean.to(self.mean.device), unbiased_var.to(torch.float64) * (n - 1))
+
+    def all_reduce(self, group):
+        # One all_gather of (count, mean, M2) per BN, merged in rank order.
+        local = torch.stack([torch.full_like(self.mean, self.n), self.mean, self.m2])
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local, group=group)
+        merged = _Moments(self.mean.numel(), self.mean.device)
+        for p in parts:
+            merged.merge(float(p[0, 0]), p[1], p[2])
+        return merged
+
+
+def _input_of(item):
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+def _device_of(model):
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return None
+
+
+def _distributed(group):
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model, data, num_batches=None, *, process_group=None):
+    """Set every batch norm's ``running_mean``/``running_var`` to the exact
+    mean and unbiased variance of its inputs over ``data``.
+
+    BNs are recalibrated one at a time in the order the forward pass calls
+    them, with the model in eval mode, so each BN's statistics are measured
+    on inputs produced by the already-recalibrated BNs before it: the
+    statistics the model will see at inference. A pass for one BN stops right
+    after that BN (unless the BN is called more than once per forward), so the
+    cost is about half a forward pass over ``data`` per BN.
+
+    Args:
+        model: any module; BNs are torch's or bnext's ``BatchNorm1d/2d/3d``
+            (and subclasses) with ``track_running_stats=True``. Frozen BNs and
+            BNs without running stats are left alone, as is any BN the
+            forward pass does not call.
+        data: iterable of input tensors, or of tuples/lists whose first
+            element is the input (``(input, target)`` from a DataLoader). The
+            first ``num_batches`` items are read once and kept (on the model's
+            device) for the passes, so every BN sees the same samples.
+        num_batches: how many items of ``data`` to use; all when None.
+        process_group: when torch.distributed is initialised with more than
+            one rank in this group, per-rank statistics are combined weighted
+            by their counts (an all_gather per BN; every rank must call this
+            with the same model). Default: the world.
+
+    Returns:
+        ``model``, with updated buffers, its own and every submodule's
+        train/eval flag restored; ``momentum`` and ``num_batches_tracked``
+        are not changed.
+
+    Raises:
+        ValueError: ``data`` yields no batch.
+    """
+    device = _device_of(model)
+    batches = []
+    for item in itertools.islice(data, num_batches):
+        x = _input_of(item)
+        batches.append(x.to(device) if device is not None else x)
+    if not batches:
+        raise ValueError("recalibrate_batchnorm: data yielded no batch")
+
+    targets = [m for m in model.modules() if isinstance(m, _BN)
+               and not isinstance(m, _FrozenBatchNorm) and m.running_mean is not None]
+    order, calls = _call_order(model, targets, batches[0])
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        for bn in order:
+            _calibrate(model, bn, calls[bn] == 1, batches, process_group)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return model
+
+
+def _call_order(model, targets, batch):
+    order, calls = [], {}
+
+    def record(module, args):
+        if module not in calls:
+            order.append(module)
+        calls[module] = calls.get(module, 0) + 1
+
+    handles = [m.register_forward_pre_hook(record) for m in targets]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return order, calls
+
+
+def _calibrate(model, bn, stop_early, batches, group):
+    moments = _Moments(bn.num_features, bn.running_mean.device)
+
+    def collect(module, args):
+        moments.add_batch(args[0])
+        if stop_early:
+            raise _Stop
+
+    handle = bn.register_forward_pre_hook(collect)
+    try:
+        for x in batches:
+            try:
+                model(x)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if _distributed(group):
+        moments = moments.all_reduce(group)
+    if moments.n == 0:
+        return
+    bn.running_mean.copy_(moments.mean)
+    if moments.n > 1:
+        bn.running_var.copy_(moments.m2 / (moments.n - 1))
+    else:  # one sample: no unbiased variance exists; torch would store nan
+        bn.running_var.fill_(float("nan"))
