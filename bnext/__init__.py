@@ -15,6 +15,7 @@ from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .freeze import freeze_batchnorm, unfreeze_batchnorm
 from .fold import fold_batchnorm
 from .recalibrate import recalibrate_batchnorm
+from .sync import SyncBatchNorm
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",

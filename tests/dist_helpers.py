@@ -1,0 +1,30 @@
+"""Run a function on several gloo ranks, spawned, bounded by a timeout."""
+
+import datetime
+import time
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank, fn, world, init_file, args):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world, tmp_path, *args, timeout=180):
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; a failure on any
+    rank fails the test with that rank's traceback."""
+    ctx = mp.start_processes(_entry, args=(fn, world, str(tmp_path / "init"), args),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world}-rank run timed out after {timeout} s")
