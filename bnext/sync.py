@@ -107,7 +107,10 @@ def _grad_input(dy, x, weight, mean, invstd, sum_dy, sum_dy_xhat, n):
     c = -w * sum_dy.to(torch.float64) / n + b * (mean_hi.to(torch.float64) - mean)
     shape = [1, -1] + [1] * (x.dim() - 2)
     a, b, c = (t.to(acc).view(shape) for t in (a, b, c))
-    out = dy.to(acc) * a + (x.to(acc) - mean_hi.view(shape)) * b + c
+    # One temporary, updated in place (each extra full-size temporary costs
+    # an allocation and a pass).
+    out = x.to(acc) - mean_hi.view(shape)
+    out.mul_(b).addcmul_(dy.to(acc), a).add_(c)
     return out.to(x.dtype)
 
 
@@ -137,8 +140,10 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
     memory format. Raises ``ValueError`` when all ranks together have one
     value per channel, and what :func:`bnext.functional.batch_norm` raises.
 
-    Limitations: under ``torch.compile`` the collectives run in eager code
-    (dynamo graph-breaks around this module; ``fullgraph=True`` is refused).
+    Limitations: under ``torch.compile`` the synchronised training path runs
+    eagerly (``torch.compiler.disable``): the graph breaks around it, so
+    ``fullgraph=True`` is refused in distributed training; the local path
+    (eval, single process) compiles like bnext's BatchNorm.
     The forward reads the global count with one ``.item()`` (a host sync on
     CUDA).
     """
@@ -159,6 +164,12 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
         world = dist.get_world_size(group) if group is not None else 1
         if not (self.training and world > 1):
             return super().forward(input)
+        return self._synced_forward(input, group, world)
+
+    # The collectives run eagerly: dynamo would otherwise have to trace
+    # process-group calls inside an autograd.Function, which it cannot do.
+    @torch.compiler.disable
+    def _synced_forward(self, input, group, world):
         tracking = self.track_running_stats
         running_mean = self.running_mean if tracking else None
         running_var = self.running_var if tracking else None

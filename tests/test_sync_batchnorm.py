@@ -139,3 +139,24 @@ def test_converter_keeps_objects_and_skips_custom_forward():
     # Not a torch.nn.SyncBatchNorm subclass: DDP refuses those on CPU.
     assert not isinstance(out[0], torch.nn.SyncBatchNorm)
     assert isinstance(out[0], torch.nn.modules.batchnorm._BatchNorm)
+
+
+def _compile_worker(rank, world):
+    torch.manual_seed(0)
+    eager = bnext.SyncBatchNorm(3)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model)  # graph break around the collectives
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        x = torch.randn(4, 3, 2, 2, generator=g)
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ye, yc = eager(xe), compiled(xc)
+        torch.testing.assert_close(yc, ye)
+        ye.sum().backward()
+        yc.sum().backward()
+        torch.testing.assert_close(xc.grad, xe.grad)
+    torch.testing.assert_close(model.running_var, eager.running_var)
+
+
+def test_compile_runs_synchronised_path_eagerly(tmp_path):
+    run_ranks(_compile_worker, 2, tmp_path)
