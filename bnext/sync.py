@@ -50,12 +50,13 @@ class _SyncBatchNormFn(torch.autograd.Function):
         local = _local_moments(input)
         parts = [torch.empty_like(local) for _ in range(world_size)]
         dist.all_gather(parts, local, group=group)
-        n_t, mean, m2 = _merge(torch.stack(parts))
-        n = int(n_t[0].item()) if n_t.numel() else 0
-        if n <= 1:
+        n, mean, m2 = _merge(torch.stack(parts))  # n: (C,) float64, equal entries
+        # The check reads the count on the host: free on CPU; on CUDA it is
+        # skipped so that the step has no host synchronisation.
+        if input.device.type == "cpu" and n.numel() and n[0].item() <= 1:
             raise ValueError(
-                f"Expected more than 1 value per channel when training, got {n} "
-                "values over all ranks"
+                f"Expected more than 1 value per channel when training, got "
+                f"{int(n[0].item())} values over all ranks"
             )
         acc = acc_dtype(input.dtype)
         var = m2 / n
@@ -137,15 +138,16 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
 
     Input: ``(N, C, *)`` with at least 2 dims; float32/float64/float16/
     bfloat16; contiguous or channels_last. Output: same shape, dtype and
-    memory format. Raises ``ValueError`` when all ranks together have one
-    value per channel, and what :func:`bnext.functional.batch_norm` raises.
+    memory format. Raises what :func:`bnext.functional.batch_norm` raises.
+
+    On CPU a global batch with one value per channel raises before any
+    buffer changes; on CUDA that check is skipped (it would need a host
+    synchronisation).
 
     Limitations: under ``torch.compile`` the synchronised training path runs
     eagerly (``torch.compiler.disable``): the graph breaks around it, so
     ``fullgraph=True`` is refused in distributed training; the local path
     (eval, single process) compiles like bnext's BatchNorm.
-    The forward reads the global count with one ``.item()`` (a host sync on
-    CUDA).
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,

@@ -8,8 +8,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _entry(rank, fn, world, init_file, args):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+def _entry(rank, fn, world, init_file, args, backend):
+    if backend == "nccl":
+        import torch
+
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         fn(rank, world, *args)
@@ -17,10 +21,11 @@ def _entry(rank, fn, world, init_file, args):
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world, tmp_path, *args, timeout=180):
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; a failure on any
-    rank fails the test with that rank's traceback."""
-    ctx = mp.start_processes(_entry, args=(fn, world, str(tmp_path / "init"), args),
+def run_ranks(fn, world, tmp_path, *args, timeout=180, backend="gloo"):
+    """Run ``fn(rank, world, *args)`` on ``world`` ranks (gloo, or nccl with
+    one GPU per rank); a failure on any rank fails the test with that rank's
+    traceback."""
+    ctx = mp.start_processes(_entry, args=(fn, world, str(tmp_path / "init"), args, backend),
                              nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=5):

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 import bnext
+from conftest import HAS_BNEXT_CUDA
 from dist_helpers import run_ranks
 
 
@@ -21,10 +22,10 @@ def _global_batch(sizes, channels_last):
 
 
 def _close(actual, expected):
-    torch.testing.assert_close(actual, expected.to(actual.dtype))
+    torch.testing.assert_close(actual.cpu(), expected.to(actual.dtype))
 
 
-def _sync_worker(rank, world, sizes, channels_last, momentum):
+def _sync_worker(rank, world, sizes, channels_last, momentum, device="cpu"):
     """The reference is torch's BatchNorm2d in float64 over the global batch;
     bnext runs in float32 and must be within float32 tolerance of it. (torch's
     own float32 kernel is not: its weight gradient is ~6e-5 off at step 3,
@@ -34,20 +35,21 @@ def _sync_worker(rank, world, sizes, channels_last, momentum):
     with torch.no_grad():
         ref.weight.uniform_(0.5, 1.5)
         ref.bias.uniform_(-1, 1)
-    ours = bnext.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref))
+    ours = bnext.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref)).to(device)
     ref.double()
     assert type(ours) is bnext.SyncBatchNorm
     start = sum(sizes[:rank])
     for step in range(3):
         x, dy = _global_batch(sizes, channels_last)
         x, dy = x * (step + 1), dy + step
+        x_dev, dy_dev = x.to(device), dy.to(device)
         xr = x.double().requires_grad_()
         y_ref = ref(xr)
         y_ref.backward(dy.double())
 
-        xl = x[start:start + sizes[rank]].clone().requires_grad_()
+        xl = x_dev[start:start + sizes[rank]].clone().requires_grad_()
         y = ours(xl)
-        y.backward(dy[start:start + sizes[rank]])
+        y.backward(dy_dev[start:start + sizes[rank]])
         _close(y, y_ref[start:start + sizes[rank]])
         assert y.is_contiguous(memory_format=torch.channels_last) == (channels_last and sizes[rank] > 1)
         _close(xl.grad, xr.grad[start:start + sizes[rank]])
@@ -64,7 +66,7 @@ def _sync_worker(rank, world, sizes, channels_last, momentum):
     ours.eval()
     ref.eval()
     x = torch.randn(2, 3, 4, 5)
-    _close(ours(x), ref(x.double()))
+    _close(ours(x.to(device)), ref(x.double()))
 
 
 @pytest.mark.parametrize("sizes,channels_last,momentum", [
@@ -74,6 +76,12 @@ def _sync_worker(rank, world, sizes, channels_last, momentum):
 ], ids=["2ranks", "3ranks-empty-rank-cl", "4ranks-momentumNone"])
 def test_sync_equals_global_batch_norm(tmp_path, sizes, channels_last, momentum):
     run_ranks(_sync_worker, len(sizes), tmp_path, sizes, channels_last, momentum)
+
+
+@pytest.mark.skipif(not (HAS_BNEXT_CUDA and torch.cuda.device_count() >= 2),
+                    reason="needs 2 GPUs and bnext built with CUDA kernels")
+def test_sync_nccl(tmp_path):
+    run_ranks(_sync_worker, 2, tmp_path, [3, 5], True, 0.1, "cuda", backend="nccl")
 
 
 class _Net(torch.nn.Module):
@@ -160,3 +168,16 @@ def _compile_worker(rank, world):
 
 def test_compile_runs_synchronised_path_eagerly(tmp_path):
     run_ranks(_compile_worker, 2, tmp_path)
+
+
+def _one_value_worker(rank, world):
+    m = bnext.SyncBatchNorm(3)
+    x = torch.randn(1, 3) if rank == 0 else torch.empty(0, 3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        m(x)
+    assert m.num_batches_tracked.item() == 0
+    torch.testing.assert_close(m.running_mean, torch.zeros(3))
+
+
+def test_one_value_over_all_ranks_raises_before_mutation(tmp_path):
+    run_ranks(_one_value_worker, 2, tmp_path)
