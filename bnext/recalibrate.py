@@ -10,7 +10,7 @@ import itertools
 import torch
 import torch.distributed as dist
 
-from ._ops import ops
+from ._moments import local_moments, merge
 from .frozen import _FrozenBatchNorm
 
 __all__ = ["recalibrate_batchnorm"]
@@ -22,44 +22,15 @@ class _Stop(Exception):
     """Ends a forward pass once the BN being calibrated has seen its input."""
 
 
-class _Moments:
-    """Per-channel count, mean and sum of squared deviations (M2), in float64,
-    merged with Chan et al.'s pairwise update (never E[x^2] - E[x]^2)."""
-
-    def __init__(self, channels, device):
-        z = torch.zeros(channels, dtype=torch.float64, device=device)
-        self.n, self.mean, self.m2 = 0.0, z, z.clone()
-
-    def merge(self, n, mean, m2):
-        if n == 0:
-            return
-        total = self.n + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta * delta * (self.n * n / total)
-        self.n = total
-
-    def add_batch(self, x):
-        n = x.numel() // x.shape[1]
-        if n == 0:
-            return
-        if n == 1:  # one value per channel: it is the mean, with no spread
-            self.merge(1, x.reshape(-1).to(torch.float64), torch.zeros_like(self.mean))
-            return
-        # bnext's training kernel gives the batch mean (float64) and unbiased
-        # variance of the batch; the normalized output is not needed.
-        _, mean, _, unbiased_var = ops.batch_norm_train(x, None, None, 1e-5)
-        self.merge(n, mean.to(self.mean.device), unbiased_var.to(torch.float64) * (n - 1))
-
-    def all_reduce(self, group):
-        # One all_gather of (count, mean, M2) per BN, merged in rank order.
-        local = torch.stack([torch.full_like(self.mean, self.n), self.mean, self.m2])
+def _population_moments(per_batch, group):
+    """(n, mean, M2) over all batches, and over all ranks when distributed:
+    one all_gather of this rank's merged (count, mean, M2) per BN."""
+    local = merge(torch.stack(per_batch))
+    if _distributed(group):
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, local, group=group)
-        merged = _Moments(self.mean.numel(), self.mean.device)
-        for p in parts:
-            merged.merge(float(p[0, 0]), p[1], p[2])
-        return merged
+        local = merge(torch.stack(parts))
+    return local
 
 
 def _input_of(item):
@@ -155,10 +126,10 @@ def _call_order(model, targets, batch):
 
 
 def _calibrate(model, bn, stop_early, batches, group):
-    moments = _Moments(bn.num_features, bn.running_mean.device)
+    per_batch = []
 
     def collect(module, args):
-        moments.add_batch(args[0])
+        per_batch.append(local_moments(args[0]).to(bn.running_mean.device))
         if stop_early:
             raise _Stop
 
@@ -171,12 +142,12 @@ def _calibrate(model, bn, stop_early, batches, group):
                 pass
     finally:
         handle.remove()
-    if _distributed(group):
-        moments = moments.all_reduce(group)
-    if moments.n == 0:
+    n, mean, m2 = _population_moments(per_batch, group)
+    count = n[0].item() if n.numel() else 0
+    if count == 0:
         return
-    bn.running_mean.copy_(moments.mean)
-    if moments.n > 1:
-        bn.running_var.copy_(moments.m2 / (moments.n - 1))
+    bn.running_mean.copy_(mean)
+    if count > 1:
+        bn.running_var.copy_(m2 / (count - 1))
     else:  # one sample: no unbiased variance exists; torch would store nan
         bn.running_var.fill_(float("nan"))

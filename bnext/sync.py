@@ -11,46 +11,21 @@ import torch
 import torch.distributed as dist
 
 from ._checks import check_batch_norm_args
+from ._moments import local_moments, merge
 from ._ops import acc_dtype, ops
-from .functional import _batch_norm
 from .modules import _BatchNormForward
 
 __all__ = ["SyncBatchNorm"]
-
-
-def _local_moments(x):
-    """(3, C) float64: count, mean and M2 of each channel of ``x``."""
-    C = x.shape[1]
-    n = x.numel() // C if C else 0
-    out = torch.zeros(3, C, dtype=torch.float64, device=x.device)
-    out[0] = n
-    if n == 1:
-        out[1] = x.reshape(C)
-    elif n > 1:
-        _, mean, _, unbiased_var = ops.batch_norm_train(x, None, None, 1.0)
-        out[1] = mean
-        out[2] = unbiased_var.to(torch.float64) * (n - 1)
-    return out
-
-
-def _merge(gathered):
-    """Count-weighted merge of per-rank (count, mean, M2): (n, mean, M2)."""
-    counts, means, m2s = gathered[:, 0], gathered[:, 1], gathered[:, 2]
-    n = counts.sum(0)
-    safe_n = n.clamp_min(1)
-    mean = (counts * means).sum(0) / safe_n
-    m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
-    return n, mean, m2
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
                 eps, momentum, group, world_size):
-        local = _local_moments(input)
+        local = local_moments(input)
         parts = [torch.empty_like(local) for _ in range(world_size)]
         dist.all_gather(parts, local, group=group)
-        n, mean, m2 = _merge(torch.stack(parts))  # n: (C,) float64, equal entries
+        n, mean, m2 = merge(torch.stack(parts))  # n: (C,) float64, equal entries
         # The check reads the count on the host: free on CPU; on CUDA it is
         # skipped so that the step has no host synchronisation.
         if input.device.type == "cpu" and n.numel() and n[0].item() <= 1:
