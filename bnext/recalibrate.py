@@ -92,10 +92,10 @@ def recalibrate_batchnorm(model, data, num_batches=None, *, process_group=None):
 
     targets = [m for m in model.modules() if isinstance(m, _BN)
                and not isinstance(m, _FrozenBatchNorm) and m.running_mean is not None]
-    order, calls = _call_order(model, targets, batches[0])
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
+        order, calls = _call_order(model, targets, batches[0])
         for bn in order:
             _calibrate(model, bn, calls[bn] == 1, batches, process_group)
     finally:
@@ -113,15 +113,11 @@ def _call_order(model, targets, batch):
         calls[module] = calls.get(module, 0) + 1
 
     handles = [m.register_forward_pre_hook(record) for m in targets]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
         model(batch)
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
     return order, calls
 
 

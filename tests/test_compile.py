@@ -31,6 +31,21 @@ def _buffers(m):
     return [b.clone() for b in m.buffers()]
 
 
+def _assert_step_matches(eager, compiled_model, compiled, x, loss):
+    """One training step on both models: outputs, every gradient and every
+    buffer equal."""
+    ye, yc = eager(x), compiled(x)
+    torch.testing.assert_close(yc, ye)
+    loss(ye).backward()
+    loss(yc).backward()
+    for ge, gc in zip(_grads(eager), _grads(compiled_model)):
+        torch.testing.assert_close(gc, ge)
+    for be, bc in zip(_buffers(eager), _buffers(compiled_model)):
+        torch.testing.assert_close(bc, be)
+    eager.zero_grad()
+    compiled_model.zero_grad()
+
+
 CONFIGS = [(0.1, True, True), (None, True, True), (0.1, False, True), (0.1, True, False),
            (None, False, False)]
 CONFIG_IDS = ["momentum0.1", "momentumNone", "notrack", "noaffine", "momentumNone-notrack-noaffine"]
@@ -47,16 +62,7 @@ def test_compile_fullgraph_matches_eager(momentum, track, affine, device):
     counters.clear()
     for step in range(3):
         x = torch.randn(4, 3, 6, 6, device=device)
-        ye, yc = eager(x), compiled(x)
-        torch.testing.assert_close(yc, ye)
-        ye.square().sum().backward()
-        yc.square().sum().backward()
-        for ge, gc in zip(_grads(eager), _grads(compiled_model)):
-            torch.testing.assert_close(gc, ge)
-        for be, bc in zip(_buffers(eager), _buffers(compiled_model)):
-            torch.testing.assert_close(bc, be)
-        eager.zero_grad()
-        compiled_model.zero_grad()
+        _assert_step_matches(eager, compiled_model, compiled, x, lambda y: y.square().sum())
     assert counters["stats"]["unique_graphs"] == 1, "recompiled across training steps"
 
     eager.eval()
@@ -92,16 +98,7 @@ def test_compile_dynamic_batch_sizes_one_graph(momentum, device):
     # tie it to the channel count and specialize it.
     for n in (5, 8, 3, 6, 11):
         x = torch.randn(n, 3, 6, 6, device=device)
-        ye, yc = eager(x), compiled(x)
-        torch.testing.assert_close(yc, ye)
-        ye.sum().backward()
-        yc.sum().backward()
-        for ge, gc in zip(_grads(eager), _grads(compiled_model)):
-            torch.testing.assert_close(gc, ge)
-        for be, bc in zip(_buffers(eager), _buffers(compiled_model)):
-            torch.testing.assert_close(bc, be)
-        eager.zero_grad()
-        compiled_model.zero_grad()
+        _assert_step_matches(eager, compiled_model, compiled, x, lambda y: y.sum())
     assert counters["stats"]["unique_graphs"] == 1, "recompiled for a new batch size"
     eager.eval()
     compiled_model.eval()
