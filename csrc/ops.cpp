@@ -42,4 +42,33 @@ TORCH_LIBRARY(bnext, m) {
       "Tensor? running_mean, Tensor? running_var, Tensor? save_mean, "
       "Tensor? save_invstd, bool train, float eps, bool[3] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?)");
+
+  // Fused BatchNorm + residual add + activation:
+  //   output = act(batch_norm(input) + residual).
+  // activation: identity | relu | leaky_relu (negative_slope) | elu (alpha 1)
+  //   | silu | gelu (erf) | gelu_tanh.
+  // memory_saving declares that backward will run from the output instead
+  // of the input; the forward then checks what that needs (an invertible
+  // activation, no zero weight) before anything is mutated.
+  m.def(
+      "batch_norm_act_train(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor? residual, float eps, str activation, float negative_slope, "
+      "bool memory_saving) "
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor unbiased_var)");
+  m.def(
+      "batch_norm_act_eval(Tensor input, Tensor running_mean, Tensor running_var, "
+      "Tensor? weight, Tensor? bias, Tensor? residual, float eps, str activation, "
+      "float negative_slope, bool memory_saving) -> Tensor");
+
+  // `saved` is the forward's input, or its output when saved_is_output
+  // (memory_saving: x_hat is recovered by inverting the activation).
+  // Returns (grad_input, grad_residual, grad_weight, grad_bias); entries whose
+  // output_mask is false are None.
+  m.def(
+      "batch_norm_act_backward(Tensor grad_output, Tensor saved, "
+      "bool saved_is_output, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor? running_mean, Tensor? running_var, Tensor? save_mean, "
+      "Tensor? save_invstd, bool train, float eps, str activation, "
+      "float negative_slope, bool[4] output_mask) "
+      "-> (Tensor?, Tensor?, Tensor?, Tensor?)");
 }

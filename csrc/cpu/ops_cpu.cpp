@@ -7,6 +7,7 @@
 #include "../checks.h"
 #include "channel_math.h"
 #include "kernels.h"
+#include "op_utils.h"
 
 namespace bnext::cpu {
 
@@ -14,14 +15,6 @@ namespace {
 
 using at::Tensor;
 using std::optional;
-
-int64_t per_channel_count(const Tensor& input) {
-  return input.size(1) == 0 ? 0 : input.numel() / input.size(1);
-}
-
-Tensor empty_output(const Tensor& input, at::MemoryFormat fmt) {
-  return at::empty(input.sizes(), input.options().memory_format(fmt));
-}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train(
     const Tensor& input,
@@ -34,18 +27,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train(
       eps);
   const at::MemoryFormat fmt = output_memory_format(input);
   const Tensor x = input.contiguous(fmt);
-  const int64_t C = input.size(1);
-  const at::ScalarType acc = acc_dtype(input.scalar_type());
-
-  auto [mean, var] = batch_stats(x);
-  Tensor invstd = invstd_from_var(var, eps);
-  Tensor unbiased = unbiased_from_biased(var, per_channel_count(input));
-  const NormalizeCoeffs k = normalize_coeffs(
-      mean, invstd, channel_param(weight, C, acc, 1.0), channel_param(bias, C, acc, 0.0), acc);
-
+  const TrainNormalization t = train_normalization(x, weight, bias, eps);
   Tensor out = empty_output(input, fmt);
-  normalize(x, k.mean_hi, k.alpha, k.beta, out);
-  return {out, mean, invstd, unbiased};
+  normalize(x, t.k.mean_hi, t.k.alpha, t.k.beta, out);
+  return {out, t.mean, t.invstd, t.unbiased_var};
 }
 
 Tensor batch_norm_eval(
@@ -60,15 +45,8 @@ Tensor batch_norm_eval(
       eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
   const at::MemoryFormat fmt = output_memory_format(input);
   const Tensor x = input.contiguous(fmt);
-  const int64_t C = input.size(1);
-  const at::ScalarType acc = acc_dtype(input.scalar_type());
-
-  const Tensor invstd =
-      invstd_from_var(channel_param(running_var, C, acc, 1.0), eps);
-  const NormalizeCoeffs k = normalize_coeffs(
-      channel_param(running_mean, C, at::kDouble, 0.0), invstd,
-      channel_param(weight, C, acc, 1.0), channel_param(bias, C, acc, 0.0), acc);
-
+  const NormalizeCoeffs k =
+      eval_normalization(input, running_mean, running_var, weight, bias, eps);
   Tensor out = empty_output(input, fmt);
   normalize(x, k.mean_hi, k.alpha, k.beta, out);
   return out;
@@ -147,20 +125,9 @@ batch_norm_backward(
   const int64_t n = per_channel_count(input);
   const at::ScalarType acc = acc_dtype(input.scalar_type());
 
-  Tensor mean, invstd;
-  if (train) {
-    TORCH_CHECK(
-        save_mean.has_value() && save_invstd.has_value(),
-        "batch_norm_backward: train=True needs save_mean and save_invstd");
-    mean = channel_param(save_mean, C, at::kDouble, 0.0);
-    invstd = channel_param(save_invstd, C, acc, 1.0);
-  } else {
-    TORCH_CHECK(
-        running_mean.has_value() && running_var.has_value(),
-        "batch_norm_backward: train=False needs running_mean and running_var");
-    mean = channel_param(running_mean, C, at::kDouble, 0.0);
-    invstd = invstd_from_var(channel_param(running_var, C, acc, 1.0), eps);
-  }
+  const auto [mean, invstd] = backward_statistics(
+      input, train, running_mean, running_var, save_mean, save_invstd, eps,
+      "batch_norm_backward");
   const Tensor mean_hi = mean.to(acc);
   const bool has_weight = weight.has_value() && weight->defined();
   const at::ScalarType param_dtype = has_weight ? weight->scalar_type() : acc;

@@ -19,6 +19,19 @@ struct VecIO {
   static constexpr int64_t kStep = V::size();      // elements per step
   static void load(const scalar_t* p, V* out) { out[0] = V::loadu(p); }
   static void store(scalar_t* p, const V* in) { in[0].store(p); }
+  // First n (<= kStep) elements; the other lanes load as zero.
+  static void load_n(const scalar_t* p, V* out, int64_t n) {
+    out[0] = n == kStep ? V::loadu(p) : V::loadu(p, n);
+  }
+  static void store_n(scalar_t* p, const V* in, int64_t n) {
+    if (n == kStep) {
+      in[0].store(p);
+    } else {
+      in[0].store(p, static_cast<int>(n));
+    }
+  }
+  // Rounds to scalar_t and back (a no-op for float and double).
+  static void round(V*) {}
 };
 
 template <typename scalar_t>
@@ -35,6 +48,22 @@ struct VecIOHalf {
   }
   static void store(scalar_t* p, const V* in) {
     at::vec::convert_from_float<scalar_t>(in[0], in[1]).store(p);
+  }
+  static void load_n(const scalar_t* p, V* out, int64_t n) {
+    const auto h = n == kStep ? Vectorized<scalar_t>::loadu(p)
+                              : Vectorized<scalar_t>::loadu(p, n);
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(h);
+    out[0] = lo;
+    out[1] = hi;
+  }
+  static void store_n(scalar_t* p, const V* in, int64_t n) {
+    at::vec::convert_from_float<scalar_t>(in[0], in[1]).store(p, static_cast<int>(n));
+  }
+  static void round(V* v) {
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(
+        at::vec::convert_from_float<scalar_t>(v[0], v[1]));
+    v[0] = lo;
+    v[1] = hi;
   }
 };
 

@@ -1,0 +1,65 @@
+// CPU kernels of the fused BatchNorm + activation (+ residual) ops. Inputs
+// are dense in output_memory_format(input); per-channel tensors contiguous.
+//
+// Forward: y = act((x - m_hi) * alpha + beta + r), the normalize_coeffs of
+// the statistics. Backward works on g = dy * act'(z) and a per-element
+// "centred" t, with (x - mean) an affine function of t per channel:
+//   from the input  (default):        t = x - m_hi
+//   from the output (memory_saving):  t = act^-1(y) - r - bias = w * x_hat
+// Pass 1 sums g and g * t per channel (and writes g as grad_residual when
+// there is a residual); pass 2 writes dx = g * A + t * B + K in double.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include "activation.h"
+
+namespace bnext::cpu {
+
+struct ActSpec {
+  Act act;
+  double negative_slope;
+};
+
+// `residual` may be undefined.
+void normalize_act(
+    const at::Tensor& x,
+    const at::Tensor& residual,
+    const at::Tensor& mean_hi,
+    const at::Tensor& alpha,
+    const at::Tensor& beta,
+    ActSpec spec,
+    at::Tensor& out);
+
+// Coefficients that rebuild g and t: m_hi, alpha, beta as in the forward
+// (from the input), or only `bias` (from the output; m_hi/alpha unused).
+struct GradSource {
+  const at::Tensor& saved;  // x, or y when from_output
+  bool from_output;
+  const at::Tensor& residual;  // may be undefined
+  const at::Tensor& mean_hi;
+  const at::Tensor& alpha;
+  const at::Tensor& beta;  // normalize beta (from input) or bias (from output)
+  ActSpec spec;
+};
+
+// Fills sum_g / sum_gt (C,) float64; writes g into grad_residual when the
+// source has a residual (grad_residual then has x's size and layout).
+void act_backward_reduce(
+    const at::Tensor& dy,
+    const GradSource& src,
+    at::Tensor& grad_residual,
+    at::Tensor& sum_g,
+    at::Tensor& sum_gt);
+
+// dx = g * A + t * B + K with (C,) float64 A, B, K; g is read from
+// `grad_residual` when it is defined (pass 1 wrote it), else recomputed.
+void act_backward_elementwise(
+    const at::Tensor& dy,
+    const GradSource& src,
+    const at::Tensor& grad_residual,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const at::Tensor& K,
+    at::Tensor& dx);
+
+}  // namespace bnext::cpu

@@ -1,0 +1,227 @@
+// CPU implementations of the fused BatchNorm + activation ops: checks, then
+// the same statistics as plain batch norm and the fused passes of
+// fused_forward.cpp / fused_backward.cpp.
+#include <ATen/TensorOperators.h>
+#include <torch/library.h>
+
+#include <string_view>
+
+#include "../checks.h"
+#include "fused_kernels.h"
+#include "op_utils.h"
+
+namespace bnext::cpu {
+
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+bool has(const optional<Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
+// Parses the activation and, for memory_saving, checks what backward from
+// the output needs, so that the forward fails before anything is mutated.
+ActSpec act_spec(
+    std::string_view activation,
+    double negative_slope,
+    bool memory_saving,
+    const optional<Tensor>& weight) {
+  const ActSpec spec{parse_activation(activation), negative_slope};
+  if (memory_saving) {
+    TORCH_CHECK_VALUE(
+        act_invertible(spec.act, negative_slope),
+        "bnext: memory_saving=True recovers the normalized input from the "
+        "output, so it needs an invertible activation (identity, elu, or "
+        "leaky_relu with negative_slope > 0); got '", std::string(activation),
+        "' with negative_slope=", negative_slope);
+    TORCH_CHECK_VALUE(
+        !has(weight) || !weight->eq(0).any().item<bool>(),
+        "bnext: memory_saving=True cannot recover x_hat = (y - bias) / weight "
+        "in a channel whose weight is 0; use memory_saving=False for this "
+        "layer (e.g. zero-initialised residual-branch weights)");
+  }
+  return spec;
+}
+
+void check_residual(const Tensor& input, const optional<Tensor>& residual) {
+  if (!has(residual)) {
+    return;
+  }
+  TORCH_CHECK(
+      residual->sizes() == input.sizes(), "bnext: residual has size ",
+      residual->sizes(), " but input has size ", input.sizes());
+  TORCH_CHECK(
+      residual->scalar_type() == input.scalar_type(), "bnext: residual dtype ",
+      residual->scalar_type(), " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(
+      residual->device() == input.device(),
+      "Expected all tensors to be on the same device, but found input on ",
+      input.device(), " and residual on ", residual->device());
+}
+
+Tensor dense_or_undefined(const optional<Tensor>& t, at::MemoryFormat fmt) {
+  return has(t) ? t->contiguous(fmt) : Tensor();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_train(
+    const Tensor& input,
+    const optional<Tensor>& weight,
+    const optional<Tensor>& bias,
+    const optional<Tensor>& residual,
+    double eps,
+    c10::string_view activation,
+    double negative_slope,
+    bool memory_saving) {
+  check_batch_norm_args(input, weight, bias, std::nullopt, std::nullopt);
+  TORCH_CHECK_VALUE(
+      eps > 0.0, "batch_norm eps must be positive during training, but got ", eps);
+  check_residual(input, residual);
+  const ActSpec spec = act_spec(
+      std::string_view(activation.data(), activation.size()), negative_slope,
+      memory_saving, weight);
+  const at::MemoryFormat fmt = output_memory_format(input);
+  const Tensor x = input.contiguous(fmt);
+  const TrainNormalization t = train_normalization(x, weight, bias, eps);
+  Tensor out = empty_output(input, fmt);
+  normalize_act(x, dense_or_undefined(residual, fmt), t.k.mean_hi, t.k.alpha, t.k.beta, spec, out);
+  return {out, t.mean, t.invstd, t.unbiased_var};
+}
+
+Tensor batch_norm_act_eval(
+    const Tensor& input,
+    const Tensor& running_mean,
+    const Tensor& running_var,
+    const optional<Tensor>& weight,
+    const optional<Tensor>& bias,
+    const optional<Tensor>& residual,
+    double eps,
+    c10::string_view activation,
+    double negative_slope,
+    bool memory_saving) {
+  check_batch_norm_args(input, weight, bias, running_mean, running_var);
+  TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
+  check_residual(input, residual);
+  const ActSpec spec = act_spec(
+      std::string_view(activation.data(), activation.size()), negative_slope,
+      memory_saving, weight);
+  const at::MemoryFormat fmt = output_memory_format(input);
+  const Tensor x = input.contiguous(fmt);
+  const NormalizeCoeffs k =
+      eval_normalization(input, running_mean, running_var, weight, bias, eps);
+  Tensor out = empty_output(input, fmt);
+  normalize_act(x, dense_or_undefined(residual, fmt), k.mean_hi, k.alpha, k.beta, spec, out);
+  return out;
+}
+
+std::tuple<optional<Tensor>, optional<Tensor>, optional<Tensor>, optional<Tensor>>
+batch_norm_act_backward(
+    const Tensor& grad_output,
+    const Tensor& saved,
+    bool saved_is_output,
+    const optional<Tensor>& weight,
+    const optional<Tensor>& bias,
+    const optional<Tensor>& residual,
+    const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var,
+    const optional<Tensor>& save_mean,
+    const optional<Tensor>& save_invstd,
+    bool train,
+    double eps,
+    c10::string_view activation,
+    double negative_slope,
+    std::array<bool, 4> output_mask) {
+  check_batch_norm_args(saved, weight, bias, std::nullopt, std::nullopt);
+  check_residual(saved, residual);
+  TORCH_CHECK(
+      grad_output.sizes() == saved.sizes(), "grad_output has size ",
+      grad_output.sizes(), " but input has size ", saved.sizes());
+  TORCH_CHECK(
+      grad_output.scalar_type() == saved.scalar_type(), "grad_output dtype ",
+      grad_output.scalar_type(), " does not match input dtype ", saved.scalar_type());
+  const ActSpec spec = act_spec(
+      std::string_view(activation.data(), activation.size()), negative_slope,
+      saved_is_output, weight);
+  const at::MemoryFormat fmt = output_memory_format(saved);
+  const Tensor s = saved.contiguous(fmt);
+  const Tensor dy = grad_output.contiguous(fmt);
+  const Tensor r = dense_or_undefined(residual, fmt);
+  const int64_t C = saved.size(1);
+  const at::ScalarType acc = acc_dtype(saved.scalar_type());
+  const auto [mean, invstd] = backward_statistics(
+      saved, train, running_mean, running_var, save_mean, save_invstd, eps,
+      "batch_norm_act_backward");
+  const Tensor w = channel_param(weight, C, acc, 1.0);
+  const Tensor b = channel_param(bias, C, acc, 0.0);
+
+  // From the input, t = x - m_hi with the forward's own coefficients (the
+  // recomputed pre-activation is bit-identical, so is every relu mask).
+  // From the output, t = w * x_hat = (x - mean) * w * invstd.
+  Tensor mean_hi, alpha, beta;
+  Tensor x_per_t;  // (x - mean) = t * x_per_t, float64 (from the output)
+  if (saved_is_output) {
+    beta = b;
+    x_per_t = (w.to(at::kDouble) * invstd.to(at::kDouble)).reciprocal();
+  } else {
+    NormalizeCoeffs nk = normalize_coeffs(mean, invstd, w, b, acc);
+    mean_hi = nk.mean_hi;
+    alpha = nk.alpha;
+    beta = nk.beta;
+  }
+  const GradSource src{s, saved_is_output, r, mean_hi, alpha, beta, spec};
+
+  // With a residual, pass 1 always runs: it writes g, which is both
+  // grad_residual and pass 2's input.
+  const bool need_sums =
+      r.defined() || output_mask[2] || output_mask[3] || (train && output_mask[0]);
+  Tensor g, sum_g, sum_gt;
+  if (need_sums) {
+    const auto d_opts = s.options().dtype(at::kDouble);
+    sum_g = at::empty({C}, d_opts);
+    sum_gt = at::empty({C}, d_opts);
+    if (r.defined()) {
+      g = empty_output(saved, fmt);
+    }
+    act_backward_reduce(dy, src, g, sum_g, sum_gt);
+    if (saved_is_output) {
+      sum_gt = sum_gt * x_per_t;  // now sum g * (x - mean)
+    }
+  }
+  const Tensor& centre = saved_is_output ? mean : mean_hi;
+  BackwardCoeffs k = backward_coeffs(
+      mean, centre, centre, invstd, w, sum_g, sum_gt, per_channel_count(saved), train,
+      at::kDouble);
+  if (saved_is_output) {
+    k.bx = k.bx * x_per_t;  // coefficient of t instead of (x - mean)
+  }
+
+  const at::ScalarType param_dtype = has(weight) ? weight->scalar_type() : acc;
+  optional<Tensor> grad_input, grad_residual, grad_weight, grad_bias;
+  if (output_mask[0]) {
+    Tensor dx = empty_output(saved, fmt);
+    act_backward_elementwise(dy, src, g, k.a, k.bx, k.k, dx);
+    grad_input = dx;
+  }
+  if (output_mask[1]) {
+    TORCH_CHECK(r.defined(), "batch_norm_act_backward: grad_residual requested without a residual");
+    grad_residual = g;
+  }
+  if (output_mask[2]) {
+    grad_weight = k.grad_weight.to(param_dtype);
+  }
+  if (output_mask[3]) {
+    grad_bias = k.grad_bias.to(param_dtype);
+  }
+  return {grad_input, grad_residual, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnext, CPU, m) {
+  m.impl("batch_norm_act_train", &batch_norm_act_train);
+  m.impl("batch_norm_act_eval", &batch_norm_act_eval);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward);
+}
+
+}  // namespace bnext::cpu

@@ -1,0 +1,259 @@
+// Drivers for kernels written as one "step": K = VecIO::kStep elements that
+// share a channel (planar layout) or K consecutive channels of one row
+// (channels-inner layout). A step receives its per-channel coefficients as
+// vectors (broadcast, or loaded at its channels), so one step body serves
+// both layouts, and the last, partial step of a run (n < K) goes through the
+// same body with partial loads instead of a scalar copy of the arithmetic.
+#pragma once
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "layout.h"
+#include "vec_io.h"
+
+namespace bnext::cpu {
+
+// NC per-channel arrays of T, each presented to a step as NV vectors.
+template <typename T, int NC, int NV>
+struct ChannelCoefs {
+  using V = Vectorized<T>;
+  static constexpr int64_t W = V::size();
+  struct Set {
+    V v[NC][NV];
+  };
+  const T* p[NC];
+
+  void broadcast(int64_t c, Set& s) const {
+#pragma GCC unroll 8
+    for (int k = 0; k < NC; ++k) {
+      const V b(p[k][c]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) s.v[k][j] = b;
+    }
+  }
+  // Channels [c, c + n); lanes past n are zero.
+  void load(int64_t c, int64_t n, Set& s) const {
+#pragma GCC unroll 8
+    for (int k = 0; k < NC; ++k) {
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) {
+        const int64_t cnt = std::clamp<int64_t>(n - j * W, 0, W);
+        const T* q = p[k] + c + j * W;
+        s.v[k][j] = cnt == W ? V::loadu(q) : (cnt > 0 ? V::loadu(q, cnt) : V(T(0)));
+      }
+    }
+  }
+};
+
+// Two coefficient groups of different types (e.g. acc-dtype and float64).
+template <typename A, typename B>
+struct CoefPair {
+  struct Set {
+    typename A::Set a;
+    typename B::Set b;
+  };
+  A a;
+  B b;
+  void broadcast(int64_t c, Set& s) const {
+    a.broadcast(c, s.a);
+    b.broadcast(c, s.b);
+  }
+  void load(int64_t c, int64_t n, Set& s) const {
+    a.load(c, n, s.a);
+    b.load(c, n, s.b);
+  }
+};
+
+// Rows a channels-inner block spans: coefficients are loaded once per block
+// and channel step, and the float partial sums of a lane take at most this
+// many terms before they are widened to double.
+constexpr int64_t kRowsPerBlock = 8;
+
+// step(i, n, set) for every step; i is the element offset of the step.
+template <int64_t K, typename Coefs, typename Step>
+void elementwise_steps(const ChannelLayout& L, const Coefs& coefs, Step&& step) {
+  using Set = typename Coefs::Set;
+  parallel_elementwise(
+      L,
+      [&](int64_t c, int64_t offset, int64_t len) {
+        Set s;
+        coefs.broadcast(c, s);
+        int64_t i = 0;
+        for (; i + K <= len; i += K) step(offset + i, K, s);
+        if (i < len) step(offset + i, len - i, s);
+      },
+      [&](int64_t offset, int64_t nrows) {
+        const int64_t C = L.C;
+        for (int64_t r0 = 0; r0 < nrows; r0 += kRowsPerBlock) {
+          const int64_t r1 = std::min(nrows, r0 + kRowsPerBlock);
+          for (int64_t c = 0; c < C; c += K) {
+            const int64_t n = std::min(K, C - c);
+            Set s;
+            coefs.load(c, n, s);
+            for (int64_t r = r0; r < r1; ++r) step(offset + r * C + c, n, s);
+          }
+        }
+      });
+}
+
+// Float lanes of sum(g) and sum(g * t), widened into double lanes after a
+// few terms: the gradient sums cancel heavily (g is close to zero-mean), and
+// 8 float terms per lane keep their rounding far below float32 tolerance.
+template <typename acc_t, int P>
+struct PairLanes {
+  using V = Vectorized<acc_t>;
+  using D = Vectorized<double>;
+  using Widen = ToDouble<acc_t>;
+  static constexpr int Q = P * Widen::kParts;
+  V s[P], st[P];
+  D ds[Q], dst[Q];
+
+  PairLanes() {
+    clear_float();
+#pragma GCC unroll 8
+    for (int q = 0; q < Q; ++q) {
+      ds[q] = D(0.0);
+      dst[q] = D(0.0);
+    }
+  }
+  void clear_float() {
+#pragma GCC unroll 8
+    for (int j = 0; j < P; ++j) {
+      s[j] = V(acc_t(0));
+      st[j] = V(acc_t(0));
+    }
+  }
+  void add(const V* g, const V* t) {
+#pragma GCC unroll 8
+    for (int j = 0; j < P; ++j) {
+      s[j] = s[j] + g[j];
+      st[j] = at::vec::fmadd(g[j], t[j], st[j]);
+    }
+  }
+  void flush() {
+#pragma GCC unroll 8
+    for (int j = 0; j < P; ++j) {
+      D a[Widen::kParts], b[Widen::kParts];
+      Widen::apply(s[j], a);
+      Widen::apply(st[j], b);
+#pragma GCC unroll 8
+      for (int q = 0; q < Widen::kParts; ++q) {
+        ds[j * Widen::kParts + q] = ds[j * Widen::kParts + q] + a[q];
+        dst[j * Widen::kParts + q] = dst[j * Widen::kParts + q] + b[q];
+      }
+    }
+    clear_float();
+  }
+  // Flushes, then adds the double lanes lane by lane to out_s/out_st (the
+  // channels of a channels-inner step).
+  void flush_to(double* out_s, double* out_st) {
+    flush();
+    constexpr int64_t WD = D::size();
+#pragma GCC unroll 8
+    for (int q = 0; q < Q; ++q) {
+      (D::loadu(out_s + q * WD) + ds[q]).store(out_s + q * WD);
+      (D::loadu(out_st + q * WD) + dst[q]).store(out_st + q * WD);
+      ds[q] = D(0.0);
+      dst[q] = D(0.0);
+    }
+  }
+  // Flushes, then returns the horizontal totals (one channel's run).
+  std::pair<double, double> totals() {
+    flush();
+    double a = 0, b = 0;
+#pragma GCC unroll 8
+    for (int q = 0; q < Q; ++q) {
+      a += hsum(ds[q]);
+      b += hsum(dst[q]);
+    }
+    return {a, b};
+  }
+};
+
+// Per-channel sum(g) and sum(g * t) in float64, where step(i, n, set, g, t)
+// yields P acc vectors of g and t for a step (lanes past n must give g = 0).
+// Deterministic for a given thread count: fixed chunks, fixed combine order.
+template <typename IO, typename Coefs, typename Step>
+void reduce_steps(
+    const ChannelLayout& L,
+    const Coefs& coefs,
+    Step&& step,
+    double* sum_g,
+    double* sum_gt) {
+  using acc_t = typename IO::acc_t;
+  using V = typename IO::V;
+  using Set = typename Coefs::Set;
+  using Lanes = PairLanes<acc_t, IO::kParts>;
+  constexpr int P = IO::kParts;
+  constexpr int64_t K = IO::kStep;
+  constexpr int kFlushPairs = 8;  // two chains x 8 steps between flushes
+
+  const int64_t C = L.C;
+  const int64_t Cpad = (C + K - 1) / K * K;  // full-vector stores at the tail
+  const int nthreads = at::get_num_threads();
+  std::vector<double> partial(static_cast<size_t>(nthreads) * 2 * Cpad, 0.0);
+
+  auto run = [&](int tid, int64_t c, int64_t offset, int64_t len) {
+    Set s;
+    coefs.broadcast(c, s);
+    Lanes l0, l1;  // two independent chains hide FMA latency
+    V g[P], t[P];
+    int64_t i = 0;
+    while (i + 2 * K <= len) {
+      const int64_t stop = std::min(len, i + 2 * K * kFlushPairs);
+      for (; i + 2 * K <= stop; i += 2 * K) {
+        step(offset + i, K, s, g, t);
+        l0.add(g, t);
+        step(offset + i + K, K, s, g, t);
+        l1.add(g, t);
+      }
+      l0.flush();
+      l1.flush();
+    }
+    for (; i < len; i += K) {
+      step(offset + i, std::min(K, len - i), s, g, t);
+      l0.add(g, t);
+    }
+    const auto [a0, b0] = l0.totals();
+    const auto [a1, b1] = l1.totals();
+    double* part = partial.data() + static_cast<size_t>(tid) * 2 * Cpad;
+    part[c] += a0 + a1;
+    part[Cpad + c] += b0 + b1;
+  };
+
+  auto rows = [&](int tid, int64_t offset, int64_t nrows) {
+    double* ps = partial.data() + static_cast<size_t>(tid) * 2 * Cpad;
+    double* pst = ps + Cpad;
+    for (int64_t r0 = 0; r0 < nrows; r0 += kRowsPerBlock) {
+      const int64_t r1 = std::min(nrows, r0 + kRowsPerBlock);
+      for (int64_t c = 0; c < C; c += K) {
+        const int64_t n = std::min(K, C - c);
+        Set s;
+        coefs.load(c, n, s);
+        Lanes l;
+        V g[P], t[P];
+        for (int64_t r = r0; r < r1; ++r) {
+          step(offset + r * C + c, n, s, g, t);
+          l.add(g, t);
+        }
+        l.flush_to(ps + c, pst + c);
+      }
+    }
+  };
+
+  parallel_reduce_chunks(L, run, rows);
+
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0, b = 0;
+    for (int t = 0; t < nthreads; ++t) {
+      a += partial[static_cast<size_t>(t) * 2 * Cpad + c];
+      b += partial[static_cast<size_t>(t) * 2 * Cpad + Cpad + c];
+    }
+    sum_g[c] = a;
+    sum_gt[c] = b;
+  }
+}
+
+}  // namespace bnext::cpu
