@@ -9,8 +9,10 @@ from . import functional
 from ._ops import ops
 from . import _autograd  # noqa: F401  (autograd formulas)
 from . import _vmap  # noqa: F401  (batching rules for torch.vmap)
+from . import _act_autograd  # noqa: F401  (fused-op autograd)
 from .convert import convert_batchnorm, revert_batchnorm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .batchnorm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .freeze import freeze_batchnorm, unfreeze_batchnorm
 from .fold import fold_batchnorm
@@ -23,6 +25,9 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "SyncBatchNorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",

@@ -90,3 +90,29 @@ def _batch_norm_backward_fake(
         _empty_stat(input, param_dtype) if output_mask[1] else None,
         _empty_stat(input, param_dtype) if output_mask[2] else None,
     )
+
+
+@torch.library.register_fake("bnext::batch_norm_act_train")
+def _batch_norm_act_train_fake(input, weight, bias, residual, eps, activation,
+                               negative_slope, memory_saving):
+    return _batch_norm_train_fake(input, weight, bias, eps)
+
+
+@torch.library.register_fake("bnext::batch_norm_act_eval")
+def _batch_norm_act_eval_fake(input, running_mean, running_var, weight, bias, residual,
+                              eps, activation, negative_slope, memory_saving):
+    return _empty_like_output(input)
+
+
+@torch.library.register_fake("bnext::batch_norm_act_backward")
+def _batch_norm_act_backward_fake(grad_output, saved, saved_is_output, weight, bias,
+                                  residual, running_mean, running_var, save_mean,
+                                  save_invstd, train, eps, activation, negative_slope,
+                                  output_mask):
+    param_dtype = weight.dtype if weight is not None else acc_dtype(saved.dtype)
+    return (
+        _empty_like_output(saved) if output_mask[0] else None,
+        _empty_like_output(saved) if output_mask[1] else None,
+        _empty_stat(saved, param_dtype) if output_mask[2] else None,
+        _empty_stat(saved, param_dtype) if output_mask[3] else None,
+    )

@@ -9,11 +9,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._activations import check_activation
 from ._checks import check_batch_norm_args
 from ._autograd import eval_forward, train_forward
 from ._ops import ops
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "batch_norm_act"]
 
 
 def batch_norm(
@@ -98,6 +99,13 @@ def _batch_norm(
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     output, save_mean, _, unbiased_var = train_forward(input, weight, bias, eps)
+    _update_running(input, running_mean, running_var, save_mean, unbiased_var, momentum,
+                    num_batches_tracked)
+    return output
+
+
+def _update_running(input, running_mean, running_var, save_mean, unbiased_var, momentum,
+                    num_batches_tracked):
     # An empty batch has no statistics: torch leaves the running stats as they are.
     if running_mean is not None and input.numel() > 0:
         if momentum is None and num_batches_tracked is None:
@@ -110,4 +118,89 @@ def _batch_norm(
             momentum,
             num_batches_tracked if momentum is None else None,
         )
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    memory_saving: bool = False,
+) -> Tensor:
+    r"""Fused ``act(batch_norm(input) + residual)`` in one forward and one
+    backward kernel.
+
+    The batch-norm part has exactly :func:`batch_norm`'s semantics (torch's
+    ``F.batch_norm``; Ioffe & Szegedy, 2015); ``residual`` (optional) is added
+    to its output, then the activation is applied. The result equals the
+    unfused torch ops ``act(F.batch_norm(...) + residual)`` to rounding.
+
+    Args:
+        input, running_mean, running_var, weight, bias, training, momentum,
+            eps: as in :func:`batch_norm`.
+        residual: tensor of ``input``'s shape and dtype (any memory format;
+            it is read in the input's), or None.
+        activation: ``"identity"``, ``"relu"``, ``"leaky_relu"`` (uses
+            ``negative_slope``), ``"elu"`` (alpha 1), ``"silu"``, ``"gelu"``
+            (erf) or ``"gelu_tanh"``; formulas as torch's.
+        negative_slope: slope of ``leaky_relu`` for negative inputs.
+        memory_saving: keep the *output* for backward instead of the input and
+            recover :math:`\hat x = (act^{-1}(y) - residual - \beta) / \gamma`
+            there (In-Place ABN, Rota Bulò et al., 2018, without mutating
+            anything). Needs an invertible activation and no zero in
+            ``weight``. Gradients then carry the output's rounding divided by
+            :math:`|\gamma|`; float16/bfloat16 outputs make that visible.
+
+    Returns:
+        Tensor of ``input``'s shape, dtype and memory format.
+
+    Raises:
+        ValueError: as :func:`batch_norm`; an unknown activation;
+            ``memory_saving`` with a non-invertible activation or a zero
+            weight (checked before any buffer changes).
+        RuntimeError: as :func:`batch_norm`; a residual of another shape,
+            dtype or device.
+
+    Double backward is not supported (first derivatives only).
+    """
+    return _batch_norm_act(
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        None, residual, activation, negative_slope, memory_saving,
+    )
+
+
+def _batch_norm_act(
+    input, running_mean, running_var, weight, bias, training, momentum, eps,
+    num_batches_tracked, residual, activation, negative_slope, memory_saving,
+):
+    """Shared by ``batch_norm_act`` and the BatchNormAct modules; see
+    ``_batch_norm`` for ``num_batches_tracked`` and ``momentum=None``."""
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    check_activation(activation, negative_slope, memory_saving)
+    if residual is not None and residual.shape != input.shape:
+        raise RuntimeError(
+            f"bnext: residual has size {tuple(residual.shape)} but input has size "
+            f"{tuple(input.shape)}"
+        )
+    if not training:
+        return ops.batch_norm_act_eval(
+            input, running_mean, running_var, weight, bias, residual, eps, activation,
+            negative_slope, memory_saving,
+        )
+    # The op runs first: it is where a zero weight under memory_saving is
+    # rejected, and it must reject it before the counter moves.
+    output, save_mean, _, unbiased_var = ops.batch_norm_act_train(
+        input, weight, bias, residual, eps, activation, negative_slope, memory_saving
+    )
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    _update_running(input, running_mean, running_var, save_mean, unbiased_var, momentum,
+                    num_batches_tracked)
     return output
