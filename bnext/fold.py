@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import nn
 
+from ._fuse import LeafBNTracer
 from .convert import convert_batchnorm
 from .frozen import _FrozenBatchNorm
 from .modules import _BatchNormForward
@@ -110,15 +111,8 @@ def _fold_sequentials(model):
     return model
 
 
-class _LeafBNTracer(torch.fx.Tracer):
-    # bnext's modules live outside torch.nn, so fx would trace into their
-    # Python checks; every BN is a leaf.
-    def is_leaf_module(self, m, qualname):
-        return isinstance(m, (_BN, _FrozenBatchNorm)) or super().is_leaf_module(m, qualname)
-
-
 def _fold_fx(model):
-    tracer = _LeafBNTracer()
+    tracer = LeafBNTracer()
     graph = tracer.trace(model)
     gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     calls = {}

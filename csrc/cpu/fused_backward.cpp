@@ -82,9 +82,6 @@ struct GradTerms {
         g[j] = Fn::vjp(d[j], z, slope);
       }
     }
-    // g is what BN's backward sees; rounded to the input dtype as the
-    // unfused ops would hand it over.
-    IO::round(g);
   }
 };
 
@@ -130,7 +127,8 @@ void elementwise_impl(
   using Coefs = CoefPair<typename Terms::Coefs, DCoefs>;
 
   const Terms terms(dy, src);
-  const scalar_t* gp = kRes ? grad_residual.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* gp =
+      kRes && IO::kParts == 1 ? grad_residual.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
   const Coefs coefs{terms.coefs,
                     DCoefs{{A_t.const_data_ptr<double>(), B_t.const_data_ptr<double>(),
@@ -139,7 +137,9 @@ void elementwise_impl(
   elementwise_steps<IO::kStep>(
       make_layout(src.saved), coefs, [&](int64_t i, int64_t n, const typename Coefs::Set& s) {
         V g[P], t[P];
-        if constexpr (kRes) {
+        // g in grad_residual is exact for float/double; half types recompute
+        // it, since the sums saw it unrounded.
+        if constexpr (kRes && IO::kParts == 1) {
           IO::load_n(gp + i, g, n);
           terms.t_only(i, n, s.a, t);
         } else {

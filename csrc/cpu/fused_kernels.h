@@ -52,7 +52,8 @@ void act_backward_reduce(
     at::Tensor& sum_gt);
 
 // dx = g * A + t * B + K with (C,) float64 A, B, K; g is read from
-// `grad_residual` when it is defined (pass 1 wrote it), else recomputed.
+// `grad_residual` when it is defined (pass 1 wrote it) and exact (float,
+// double), else recomputed.
 void act_backward_elementwise(
     const at::Tensor& dy,
     const GradSource& src,

@@ -30,8 +30,6 @@ struct VecIO {
       in[0].store(p, static_cast<int>(n));
     }
   }
-  // Rounds to scalar_t and back (a no-op for float and double).
-  static void round(V*) {}
 };
 
 template <typename scalar_t>
@@ -58,12 +56,6 @@ struct VecIOHalf {
   }
   static void store_n(scalar_t* p, const V* in, int64_t n) {
     at::vec::convert_from_float<scalar_t>(in[0], in[1]).store(p, static_cast<int>(n));
-  }
-  static void round(V* v) {
-    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(
-        at::vec::convert_from_float<scalar_t>(v[0], v[1]));
-    v[0] = lo;
-    v[1] = hi;
   }
 };
 
