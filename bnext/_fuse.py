@@ -7,10 +7,10 @@ Two ways to find the patterns, tried per module from the root down:
   whose only user is an activation, becomes one ``BatchNormAct`` call
   ``bn_act(x, residual)``. The module is returned as a ``GraphModule``, but
   only if something was fused.
-* a module that does not trace: adjacent (BN, activation) pairs inside it,
-  when it is an ``nn.Sequential``, are fused (the activation's slot becomes
-  ``nn.Identity``), then its children are tried in turn. Untraceable code is
-  left as it is.
+* an ``nn.Sequential``: adjacent (BN, activation) pairs are fused in place
+  (the activation's slot becomes ``nn.Identity``; it stays a Sequential),
+  then its children are tried in turn. So are the children of a module that
+  does not trace; untraceable code is left as it is.
 """
 
 import torch
@@ -140,12 +140,14 @@ def fuse_activations(module, memory_saving=False):
     module docstring. Children are replaced in place."""
     if isinstance(module, _BN) or not module._modules:
         return module  # a leaf: nothing inside to fuse
-    try:
-        return _fuse_fx(module, memory_saving)
-    except _TRACE_ERRORS:
-        pass
     if isinstance(module, nn.Sequential):
+        # A chain: adjacent pairs are all there is, and it stays a Sequential.
         _fuse_sequential(module, memory_saving)
+    else:
+        try:
+            return _fuse_fx(module, memory_saving)
+        except _TRACE_ERRORS:
+            pass
     for name, child in list(module._modules.items()):
         if child is not None:
             module._modules[name] = fuse_activations(child, memory_saving)

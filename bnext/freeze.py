@@ -2,6 +2,7 @@
 
 import torch
 
+from .batchnorm_act import _BatchNormAct
 from .convert import replace_modules
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -30,6 +31,8 @@ def _frozen_class(module):
 
 
 def _freeze(module):
+    if isinstance(module, _BatchNormAct):
+        return None  # a frozen BN would drop the fused activation
     cls = _frozen_class(module) if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) else None
     if cls is None:
         return None
@@ -58,15 +61,17 @@ def _unfreeze(module):
 
 
 def freeze_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every ``BatchNorm1d/2d/3d`` (torch's, bnext's, or a subclass
-    such as bnext's fused ones) with ``bnext.FrozenBatchNorm1d/2d/3d``.
+    """Replace every ``BatchNorm1d/2d/3d`` (torch's, bnext's, or a subclass)
+    with ``bnext.FrozenBatchNorm1d/2d/3d``.
 
     The frozen module copies the BN's current ``running_mean``,
     ``running_var``, ``weight`` and ``bias`` (ones/zeros when ``affine=False``)
     and ``eps``; it normalizes with them in train and eval mode alike and
     never updates them. BNs with ``track_running_stats=False`` have no
     statistics to freeze and are left as they are, as is ``SyncBatchNorm``
-    (its dimensionality is not known from the module).
+    (its dimensionality is not known from the module) and bnext's fused
+    ``BatchNormAct*`` (a frozen BN has no activation: use ``.eval()`` and
+    ``requires_grad_(False)`` on those).
 
     Children are replaced in place; returns the converted root (a new object
     if ``model`` itself is a BN). A BN used twice becomes one frozen module.
