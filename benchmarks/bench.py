@@ -3,6 +3,8 @@
     python -m benchmarks.bench                      # CPU, batch 32, fp32 + bf16
     python -m benchmarks.bench --quick              # a fast smoke run
     python -m benchmarks.bench --device cuda        # batch 256
+    python -m benchmarks.bench --fused relu         # BN+ReLU: bnext.BatchNormAct2d
+                                                    # vs BatchNorm2d followed by ReLU
 
 For each shape, layout (NCHW, channels_last), dtype and mode (training
 forward, forward+backward, eval) the implementations run interleaved in one
@@ -93,14 +95,37 @@ def make_input(shape, layout, dtype, device):
     return x
 
 
-def build_impls(shape, layout, dtype, mode, device, with_compile):
-    """name -> zero-argument callable for one (shape, layout, dtype, mode)."""
+ACTIVATIONS = {"relu": torch.nn.ReLU, "leaky_relu": torch.nn.LeakyReLU, "elu": torch.nn.ELU,
+               "silu": torch.nn.SiLU, "gelu": torch.nn.GELU}
+
+
+class BNAct(torch.nn.Module):
+    """torch's unfused pair: BatchNorm followed by an activation module."""
+
+    def __init__(self, bn, act):
+        super().__init__()
+        self.bn = bn
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.bn(x))
+
+
+def build_impls(shape, layout, dtype, mode, device, with_compile, fused=None):
+    """name -> zero-argument callable for one (shape, layout, dtype, mode).
+
+    fused: an activation name; torch runs BN then that activation, bnext the
+    fused BatchNormAct its converter makes of the pair.
+    """
     torch_cls, _ = _module_classes(len(shape))
     C = shape[1]
     # Parameters in float32 for half inputs: the mixed-precision (AMP) setup.
     pdtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
     ref = torch_cls(C, device=device, dtype=pdtype)
-    models = {"torch": ref, "bnext": bnext.convert_batchnorm(copy.deepcopy(ref))}
+    if fused:
+        ref = BNAct(ref, ACTIVATIONS[fused]())
+    models = {"torch": ref,
+              "bnext": bnext.convert_batchnorm(copy.deepcopy(ref), fuse_activations=bool(fused))}
     if with_compile:
         models["torch.compile"] = torch.compile(copy.deepcopy(ref))
     x = make_input(shape, layout, dtype, device)
@@ -171,7 +196,8 @@ def run(args):
 
     rows = []
     for name, shape, layout, dt, mode in tqdm(cases, desc="benchmark", unit="case", file=sys.stderr):
-        impls, x = build_impls(shape, layout, DTYPES[dt], mode, device, not args.no_compile)
+        impls, x = build_impls(shape, layout, DTYPES[dt], mode, device, not args.no_compile,
+                               args.fused)
         t = time_case(impls, args.repeats, args.min_time, device)
         nbytes = x.numel() * x.element_size()
         row = {"case": name, "shape": list(shape), "layout": layout, "dtype": dt, "mode": mode,
@@ -251,7 +277,8 @@ def plot(rows, path, info):
             ax.set_ylabel("speedup (x)")
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
-    fig.suptitle(f"bnext vs torch batch norm: {info.get('gpu') or info.get('cpu')}, "
+    what = f"BN+{info['fused']} (fused)" if info.get("fused") else "batch norm"
+    fig.suptitle(f"bnext vs torch {what}: {info.get('gpu') or info.get('cpu')}, "
                  f"{info['threads']} threads, torch {info['torch']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -281,6 +308,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--min-time", type=float, default=0.05, help="seconds per timed sample")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--fused", default=None, choices=sorted(ACTIVATIONS),
+                   help="benchmark BN + this activation (bnext.BatchNormAct vs torch's pair)")
     p.add_argument("--quick", action="store_true", help="5 shapes only")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>.json)")
     p.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
@@ -291,11 +320,13 @@ def main(argv=None):
         _reexec_with_cached_malloc(argv)
 
     info = machine_info(args.device)
+    info["fused"] = args.fused
     info["malloc"] = (" ".join(f"{k}={v}" for k, v in CACHED_MALLOC_ENV.items())
                       if args.malloc == "cached" else "glibc defaults")
     rows = run(args)
     print_table(rows)
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{args.device}.json")
+    stem = args.device + (f"_fused_{args.fused}" if args.fused else "")
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{stem}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"machine": info, "args": vars(args), "results": rows}, f, indent=1)

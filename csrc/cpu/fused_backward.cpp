@@ -43,7 +43,7 @@ struct GradTerms {
   }
 
   // From the output, t = act^-1(y) - r - bias.
-  void centred_from_output(const V* y, const V* r, const Set& s, V* t) const {
+  BNEXT_STEP void centred_from_output(const V* y, const V* r, const Set& s, V* t) const {
 #pragma GCC unroll 4
     for (int j = 0; j < P; ++j) {
       V u = Fn::inverse(y[j], slope);
@@ -52,7 +52,7 @@ struct GradTerms {
     }
   }
 
-  void t_only(int64_t i, int64_t n, const Set& s, V* t) const {
+  BNEXT_STEP void t_only(int64_t i, int64_t n, const Set& s, V* t) const {
     V sv[P], r[P];
     IO::load_n(sp + i, sv, n);
     if constexpr (kFromOutput) {
@@ -64,7 +64,7 @@ struct GradTerms {
     }
   }
 
-  void both(int64_t i, int64_t n, const Set& s, V* g, V* t) const {
+  BNEXT_STEP void both(int64_t i, int64_t n, const Set& s, V* g, V* t) const {
     V d[P], sv[P], r[P];
     IO::load_n(dyp + i, d, n);
     IO::load_n(sp + i, sv, n);
@@ -99,7 +99,7 @@ void reduce_impl(
   scalar_t* gp = kRes ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
   reduce_steps<IO>(
       make_layout(src.saved), terms.coefs,
-      [&](int64_t i, int64_t n, const typename Terms::Set& s, V* g, V* t) {
+      [&](int64_t i, int64_t n, const typename Terms::Set& s, V* g, V* t) BNEXT_STEP {
         terms.both(i, n, s, g, t);
         if constexpr (kRes) IO::store_n(gp + i, g, n);
       },
@@ -135,7 +135,7 @@ void elementwise_impl(
                             K_t.const_data_ptr<double>()}}};
 
   elementwise_steps<IO::kStep>(
-      make_layout(src.saved), coefs, [&](int64_t i, int64_t n, const typename Coefs::Set& s) {
+      make_layout(src.saved), coefs, [&](int64_t i, int64_t n, const typename Coefs::Set& s) BNEXT_STEP {
         V g[P], t[P];
         // g in grad_residual is exact for float/double; half types recompute
         // it, since the sums saw it unrounded.
