@@ -99,7 +99,7 @@ void reduce_impl(
   scalar_t* gp = kRes ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
   reduce_steps<IO>(
       make_layout(src.saved), terms.coefs,
-      [&](int64_t i, int64_t n, const typename Terms::Set& s, V* g, V* t) BNEXT_STEP {
+      [=](int64_t i, int64_t n, const typename Terms::Set& s, V* g, V* t) BNEXT_STEP {
         terms.both(i, n, s, g, t);
         if constexpr (kRes) IO::store_n(gp + i, g, n);
       },
@@ -135,7 +135,7 @@ void elementwise_impl(
                             K_t.const_data_ptr<double>()}}};
 
   elementwise_steps<IO::kStep>(
-      make_layout(src.saved), coefs, [&](int64_t i, int64_t n, const typename Coefs::Set& s) BNEXT_STEP {
+      make_layout(src.saved), coefs, [=](int64_t i, int64_t n, const typename Coefs::Set& s) BNEXT_STEP {
         V g[P], t[P];
         // g in grad_residual is exact for float/double; half types recompute
         // it, since the sums saw it unrounded.

@@ -33,7 +33,7 @@ void normalize_act_impl(
   const V slope(static_cast<acc_t>(negative_slope));
 
   elementwise_steps<IO::kStep>(
-      make_layout(x), coefs, [&](int64_t i, int64_t n, const typename Coefs::Set& s) BNEXT_STEP {
+      make_layout(x), coefs, [=](int64_t i, int64_t n, const typename Coefs::Set& s) BNEXT_STEP {
         V v[P], r[P];
         IO::load_n(xp + i, v, n);
         if constexpr (kRes) IO::load_n(rp + i, r, n);

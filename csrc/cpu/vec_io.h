@@ -27,7 +27,12 @@ struct VecIO {
     if (n == kStep) {
       in[0].store(p);
     } else {
-      in[0].store(p, static_cast<int>(n));
+      // Through a buffer, not Vectorized::store(p, n): that is a masked
+      // store (vmaskmovps), microcoded and slow on AMD Zen, and every 7x7
+      // plane ends in one.
+      alignas(64) scalar_t buf[kStep];
+      in[0].store(buf);
+      for (int64_t i = 0; i < n; ++i) p[i] = buf[i];
     }
   }
 };
