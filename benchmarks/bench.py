@@ -127,6 +127,10 @@ def build_impls(shape, layout, dtype, mode, device, with_compile, fused=None):
     models = {"torch": ref,
               "bnext": bnext.convert_batchnorm(copy.deepcopy(ref), fuse_activations=bool(fused))}
     if with_compile:
+        # A fresh dynamo cache per case: every case is a new module of the
+        # same class, so without a reset the 9th case would exceed dynamo's
+        # recompile limit and silently run eager.
+        torch._dynamo.reset()
         models["torch.compile"] = torch.compile(copy.deepcopy(ref))
     x = make_input(shape, layout, dtype, device)
     dy = make_input(shape, layout, dtype, device)
