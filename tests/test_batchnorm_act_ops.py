@@ -174,3 +174,20 @@ def test_bn_errors_rejected_before_mutation():
     with pytest.raises(ValueError, match="expected 4D input"):
         m(torch.randn(2, 4, 3))
     _assert_unchanged(m, before)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_export(training):
+    m = bnext.BatchNormAct2d(4, activation="gelu").train(training)
+    twin = bnext.BatchNormAct2d(4, activation="gelu").train(training)
+    x, r, _, _ = _args("contiguous", requires_grad=False)
+    ep = torch.export.export(twin, (x, r))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert ("bnext.batch_norm_act_train.default" if training else
+            "bnext.batch_norm_act_eval.default") in targets
+    exported = ep.module()
+    for _ in range(2):
+        torch.testing.assert_close(exported(x, r), m(x, r))
+    if training:  # buffer updates are part of the exported graph
+        for name, buf in m.named_buffers():
+            torch.testing.assert_close(exported.get_buffer(name), buf)
