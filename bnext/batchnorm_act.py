@@ -8,13 +8,14 @@ from torch import Tensor
 
 from ._activations import check_activation
 from .functional import _batch_norm_act
+from .modules import _BatchNormForward
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
 
 
-class _BatchNormAct:
+class _BatchNormAct(_BatchNormForward):
     """Forward of the fused modules; the BN half follows torch's
-    ``_BatchNorm.forward`` exactly (see ``modules._BatchNormForward``)."""
+    ``_BatchNorm.forward`` exactly (``modules._BatchNormForward``)."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, activation="relu", negative_slope=0.01,
@@ -29,22 +30,10 @@ class _BatchNormAct:
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(input)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        tracking = self.training and self.track_running_stats
-        use_buffers = not self.training or self.track_running_stats
+        running_mean, running_var, bn_training, nbt = self._bn_arguments()
         return _batch_norm_act(
-            input,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            self.momentum,
-            self.eps,
-            self.num_batches_tracked if tracking else None,
-            residual,
-            self.activation,
-            self.negative_slope,
+            input, running_mean, running_var, self.weight, self.bias, bn_training,
+            self.momentum, self.eps, nbt, residual, self.activation, self.negative_slope,
             self.memory_saving,
         )
 

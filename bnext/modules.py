@@ -16,25 +16,25 @@ class _BatchNormForward:
     (torch increments first, then raises).
     """
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
+    def _bn_arguments(self):
+        """(running_mean, running_var, training, num_batches_tracked) as
+        torch's ``_BatchNorm.forward`` passes them to the functional op."""
         # Batch statistics in training, and in eval when there are no buffers.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         tracking = self.training and self.track_running_stats
         # Buffers are only updated when they are used for normalization
         # (eval) or when they track stats (training).
         use_buffers = not self.training or self.track_running_stats
-        return _batch_norm(
-            input,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            self.momentum,
-            self.eps,
-            self.num_batches_tracked if tracking else None,
-        )
+        return (self.running_mean if use_buffers else None,
+                self.running_var if use_buffers else None,
+                bn_training,
+                self.num_batches_tracked if tracking else None)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        running_mean, running_var, bn_training, nbt = self._bn_arguments()
+        return _batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                           bn_training, self.momentum, self.eps, nbt)
 
 
 _DOC = """Drop-in replacement for :class:`torch.nn.{name}`, computed by bnext's kernels.

@@ -15,6 +15,7 @@
 #include "../checks.h"
 #include "kernels.h"
 #include "layout.h"
+#include "step_drivers.h"
 #include "vec_io.h"
 
 namespace bnext::cpu {
@@ -31,13 +32,9 @@ void backward_reduce_impl(
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
-  using D = Vectorized<double>;
-  using Widen = ToDouble<acc_t>;
   constexpr int P = IO::kParts;
-  constexpr int Q = P * Widen::kParts;  // double vectors per step
   constexpr int64_t K = IO::kStep;
   constexpr int64_t W = V::size();
-  constexpr int64_t WD = D::size();
 
   const ChannelLayout L = make_layout(x);
   const int64_t C = L.C;
@@ -48,49 +45,10 @@ void backward_reduce_impl(
   // Per-thread double totals: [tid][2][C].
   std::vector<double> partial(static_cast<size_t>(nthreads) * 2 * C, 0.0);
 
-  // Float lanes take at most kFlushSteps steps before they are widened and
-  // added to double lanes: 8 terms per float lane keeps float rounding far
-  // below the final float32 rounding, at a third of the cost of widening
-  // every element.
+  // Float lanes take at most 8 steps (per chain) before they are widened
+  // to double: see PairLanes.
   constexpr int kFlushSteps = 8;
-  struct Lanes {
-    V s[P], sx[P];
-    D ds[Q], dsx[Q];
-    Lanes() {
-#pragma GCC unroll 16
-      for (int j = 0; j < P; ++j) {
-        s[j] = V(acc_t(0));
-        sx[j] = V(acc_t(0));
-      }
-#pragma GCC unroll 16
-      for (int q = 0; q < Q; ++q) {
-        ds[q] = D(0.0);
-        dsx[q] = D(0.0);
-      }
-    }
-    void add(const V* gv, const V* xv, const V* vm) {
-#pragma GCC unroll 16
-      for (int j = 0; j < P; ++j) {
-        s[j] = s[j] + gv[j];
-        sx[j] = at::vec::fmadd(gv[j], xv[j] - vm[j], sx[j]);
-      }
-    }
-    void flush() {
-#pragma GCC unroll 16
-      for (int j = 0; j < P; ++j) {
-        D a[Widen::kParts], b[Widen::kParts];
-        Widen::apply(s[j], a);
-        Widen::apply(sx[j], b);
-#pragma GCC unroll 16
-        for (int q = 0; q < Widen::kParts; ++q) {
-          ds[j * Widen::kParts + q] = ds[j * Widen::kParts + q] + a[q];
-          dsx[j * Widen::kParts + q] = dsx[j * Widen::kParts + q] + b[q];
-        }
-        s[j] = V(acc_t(0));
-        sx[j] = V(acc_t(0));
-      }
-    }
-  };
+  using Lanes = PairLanes<acc_t, P>;
 
   auto run = [&](int tid, int64_t c, int64_t offset, int64_t len) {
     const acc_t m = mean[c];
@@ -101,41 +59,35 @@ void backward_reduce_impl(
     double ts = 0, tsx = 0;
     const scalar_t* g = dyp + offset;
     const scalar_t* xi = xp + offset;
+    auto add = [&](Lanes& l, int64_t i) BNEXT_STEP {
+      V gv[P], xv[P];
+      IO::load(g + i, gv);
+      IO::load(xi + i, xv);
+#pragma GCC unroll 16
+      for (int j = 0; j < P; ++j) xv[j] = xv[j] - vm[j];
+      l.add(gv, xv);
+    };
     int64_t i = 0;
     while (i + 2 * K <= len) {
       const int64_t stop = std::min(len, i + 2 * K * kFlushSteps);
       for (; i + 2 * K <= stop; i += 2 * K) {
-        V gv[P], xv[P];
-        IO::load(g + i, gv);
-        IO::load(xi + i, xv);
-        l0.add(gv, xv, vm);
-        IO::load(g + i + K, gv);
-        IO::load(xi + i + K, xv);
-        l1.add(gv, xv, vm);
+        add(l0, i);
+        add(l1, i + K);
       }
       l0.flush();
       l1.flush();
     }
-    for (; i + K <= len; i += K) {
-      V gv[P], xv[P];
-      IO::load(g + i, gv);
-      IO::load(xi + i, xv);
-      l0.add(gv, xv, vm);
-    }
-    l0.flush();
+    for (; i + K <= len; i += K) add(l0, i);
     for (; i < len; ++i) {
       const double gi = static_cast<acc_t>(g[i]);
       ts += gi;
       tsx += gi * static_cast<double>(static_cast<acc_t>(xi[i]) - m);
     }
-#pragma GCC unroll 16
-    for (int q = 0; q < Q; ++q) {
-      ts += hsum(l0.ds[q]) + hsum(l1.ds[q]);
-      tsx += hsum(l0.dsx[q]) + hsum(l1.dsx[q]);
-    }
+    const auto [s0, sx0] = l0.totals();
+    const auto [s1, sx1] = l1.totals();
     double* part = partial.data() + static_cast<size_t>(tid) * 2 * C;
-    part[c] += ts;
-    part[C + c] += tsx;
+    part[c] += ts + s0 + s1;
+    part[C + c] += tsx + sx0 + sx1;
   };
 
   // Channels-inner: rows are streamed in memory order; per-channel float
