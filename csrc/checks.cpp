@@ -90,4 +90,13 @@ at::ScalarType acc_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+void check_eps(double eps, bool training) {
+  if (training) {
+    TORCH_CHECK_VALUE(
+        eps > 0.0, "batch_norm eps must be positive during training, but got ", eps);
+  } else {
+    TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
+  }
+}
+
 }  // namespace bnext

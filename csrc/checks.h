@@ -16,6 +16,10 @@ void check_batch_norm_args(
     const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var);
 
+// eps as torch's batch_norm accepts it: > 0 in training (the variance may
+// be 0), >= 0 with given statistics. ValueError otherwise.
+void check_eps(double eps, bool training);
+
 // Memory format of the outputs, following torch's CPU batch norm: a 4-D/5-D
 // input dense as contiguous or channels_last(_3d) keeps that format, other
 // 4-D/5-D strides use suggest_memory_format(), lower ranks are contiguous.

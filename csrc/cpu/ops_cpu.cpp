@@ -22,9 +22,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train(
     const optional<Tensor>& bias,
     double eps) {
   check_batch_norm_args(input, weight, bias, std::nullopt, std::nullopt);
-  TORCH_CHECK_VALUE(
-      eps > 0.0, "batch_norm eps must be positive during training, but got ",
-      eps);
+  check_eps(eps, /*training=*/true);
   const at::MemoryFormat fmt = output_memory_format(input);
   const Tensor x = input.contiguous(fmt);
   const TrainNormalization t = train_normalization(x, weight, bias, eps);
@@ -41,8 +39,7 @@ Tensor batch_norm_eval(
     const optional<Tensor>& bias,
     double eps) {
   check_batch_norm_args(input, weight, bias, running_mean, running_var);
-  TORCH_CHECK_VALUE(
-      eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
+  check_eps(eps, /*training=*/false);
   const at::MemoryFormat fmt = output_memory_format(input);
   const Tensor x = input.contiguous(fmt);
   const NormalizeCoeffs k =

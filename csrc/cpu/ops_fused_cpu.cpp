@@ -24,17 +24,18 @@ bool has(const optional<Tensor>& t) {
 // Parses the activation and, for memory_saving, checks what backward from
 // the output needs, so that the forward fails before anything is mutated.
 ActSpec act_spec(
-    std::string_view activation,
+    c10::string_view activation,
     double negative_slope,
     bool memory_saving,
     const optional<Tensor>& weight) {
-  const ActSpec spec{parse_activation(activation), negative_slope};
+  const std::string_view name(activation.data(), activation.size());
+  const ActSpec spec{parse_activation(name), negative_slope};
   if (memory_saving) {
     TORCH_CHECK_VALUE(
         act_invertible(spec.act, negative_slope),
         "bnext: memory_saving=True recovers the normalized input from the "
         "output, so it needs an invertible activation (identity, elu, or "
-        "leaky_relu with negative_slope > 0); got '", std::string(activation),
+        "leaky_relu with negative_slope > 0); got '", std::string(name),
         "' with negative_slope=", negative_slope);
     TORCH_CHECK_VALUE(
         !has(weight) || !weight->eq(0).any().item<bool>(),
@@ -75,12 +76,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_train(
     double negative_slope,
     bool memory_saving) {
   check_batch_norm_args(input, weight, bias, std::nullopt, std::nullopt);
-  TORCH_CHECK_VALUE(
-      eps > 0.0, "batch_norm eps must be positive during training, but got ", eps);
+  check_eps(eps, /*training=*/true);
   check_residual(input, residual);
-  const ActSpec spec = act_spec(
-      std::string_view(activation.data(), activation.size()), negative_slope,
-      memory_saving, weight);
+  const ActSpec spec = act_spec(activation, negative_slope, memory_saving, weight);
   const at::MemoryFormat fmt = output_memory_format(input);
   const Tensor x = input.contiguous(fmt);
   const TrainNormalization t = train_normalization(x, weight, bias, eps);
@@ -101,11 +99,9 @@ Tensor batch_norm_act_eval(
     double negative_slope,
     bool memory_saving) {
   check_batch_norm_args(input, weight, bias, running_mean, running_var);
-  TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
+  check_eps(eps, /*training=*/false);
   check_residual(input, residual);
-  const ActSpec spec = act_spec(
-      std::string_view(activation.data(), activation.size()), negative_slope,
-      memory_saving, weight);
+  const ActSpec spec = act_spec(activation, negative_slope, memory_saving, weight);
   const at::MemoryFormat fmt = output_memory_format(input);
   const Tensor x = input.contiguous(fmt);
   const NormalizeCoeffs k =
@@ -140,9 +136,7 @@ batch_norm_act_backward(
   TORCH_CHECK(
       grad_output.scalar_type() == saved.scalar_type(), "grad_output dtype ",
       grad_output.scalar_type(), " does not match input dtype ", saved.scalar_type());
-  const ActSpec spec = act_spec(
-      std::string_view(activation.data(), activation.size()), negative_slope,
-      saved_is_output, weight);
+  const ActSpec spec = act_spec(activation, negative_slope, saved_is_output, weight);
   const at::MemoryFormat fmt = output_memory_format(saved);
   const Tensor s = saved.contiguous(fmt);
   const Tensor dy = grad_output.contiguous(fmt);
