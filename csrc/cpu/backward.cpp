@@ -32,125 +32,19 @@ void backward_reduce_impl(
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
-  constexpr int P = IO::kParts;
-  constexpr int64_t K = IO::kStep;
-  constexpr int64_t W = V::size();
-
-  const ChannelLayout L = make_layout(x);
-  const int64_t C = L.C;
+  using Coefs = ChannelCoefs<acc_t, 1, IO::kParts>;
   const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const acc_t* mean = mean_t.const_data_ptr<acc_t>();
-  const int nthreads = at::get_num_threads();
-  // Per-thread double totals: [tid][2][C].
-  std::vector<double> partial(static_cast<size_t>(nthreads) * 2 * C, 0.0);
-
-  // Float lanes take at most 8 steps (per chain) before they are widened
-  // to double: see PairLanes.
-  constexpr int kFlushSteps = 8;
-  using Lanes = PairLanes<acc_t, P>;
-
-  auto run = [&](int tid, int64_t c, int64_t offset, int64_t len) {
-    const acc_t m = mean[c];
-    V vm[P];
-#pragma GCC unroll 16
-    for (int j = 0; j < P; ++j) vm[j] = V(m);
-    Lanes l0, l1;  // two independent chains hide FMA latency
-    double ts = 0, tsx = 0;
-    const scalar_t* g = dyp + offset;
-    const scalar_t* xi = xp + offset;
-    auto add = [&](Lanes& l, int64_t i) BNEXT_STEP {
-      V gv[P], xv[P];
-      IO::load(g + i, gv);
-      IO::load(xi + i, xv);
-#pragma GCC unroll 16
-      for (int j = 0; j < P; ++j) xv[j] = xv[j] - vm[j];
-      l.add(gv, xv);
-    };
-    int64_t i = 0;
-    while (i + 2 * K <= len) {
-      const int64_t stop = std::min(len, i + 2 * K * kFlushSteps);
-      for (; i + 2 * K <= stop; i += 2 * K) {
-        add(l0, i);
-        add(l1, i + K);
-      }
-      l0.flush();
-      l1.flush();
-    }
-    for (; i + K <= len; i += K) add(l0, i);
-    for (; i < len; ++i) {
-      const double gi = static_cast<acc_t>(g[i]);
-      ts += gi;
-      tsx += gi * static_cast<double>(static_cast<acc_t>(xi[i]) - m);
-    }
-    const auto [s0, sx0] = l0.totals();
-    const auto [s1, sx1] = l1.totals();
-    double* part = partial.data() + static_cast<size_t>(tid) * 2 * C;
-    part[c] += ts + s0 + s1;
-    part[C + c] += tsx + sx0 + sx1;
-  };
-
-  // Channels-inner: rows are streamed in memory order; per-channel float
-  // sums live in an L1-resident scratch row and are flushed to the double
-  // totals every few rows. (Register tiles walking the rows with a stride of
-  // C measured ~1.5x slower here.)
-  std::vector<acc_t> scratch(static_cast<size_t>(nthreads) * 2 * C);
-  auto rows = [&](int tid, int64_t offset, int64_t nrows) {
-    double* ps = partial.data() + static_cast<size_t>(tid) * 2 * C;
-    double* psx = ps + C;
-    acc_t* fs = scratch.data() + static_cast<size_t>(tid) * 2 * C;
-    acc_t* fsx = fs + C;
-    const scalar_t* g = dyp + offset;
-    const scalar_t* xi = xp + offset;
-    const acc_t* const mean_l = mean;
-    const int64_t C_l = C;
-    // Rows per flush: fewer than the contiguous path's 8 terms per lane,
-    // because a scratch row has one lane per channel and no second chain.
-    constexpr int64_t kFlushRows = 4;
-    for (int64_t r0 = 0; r0 < nrows; r0 += kFlushRows) {
-      const int64_t r1 = std::min(nrows, r0 + kFlushRows);
-      std::fill(fs, fs + 2 * C_l, acc_t(0));
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* gr = g + r * C_l;
-        const scalar_t* xr = xi + r * C_l;
-        int64_t c = 0;
-        for (; c + K <= C_l; c += K) {
-          V gv[P], xv[P];
-          IO::load(gr + c, gv);
-          IO::load(xr + c, xv);
-#pragma GCC unroll 16
-          for (int j = 0; j < P; ++j) {
-            const int64_t cj = c + j * W;
-            (V::loadu(fs + cj) + gv[j]).store(fs + cj);
-            at::vec::fmadd(gv[j], xv[j] - V::loadu(mean_l + cj), V::loadu(fsx + cj)).store(fsx + cj);
-          }
-        }
-        for (; c < C_l; ++c) {  // channel tail: straight into double
-          const double gc = static_cast<acc_t>(gr[c]);
-          ps[c] += gc;
-          psx[c] += gc * static_cast<double>(static_cast<acc_t>(xr[c]) - mean_l[c]);
-        }
-      }
-      for (int64_t c = 0; c < C_l - C_l % K; ++c) {
-        ps[c] += static_cast<double>(fs[c]);
-        psx[c] += static_cast<double>(fsx[c]);
-      }
-    }
-  };
-
-  parallel_reduce_chunks(L, run, rows);
-
-  double* sum_dy = sum_dy_out.mutable_data_ptr<double>();
-  double* sum_dy_xmu = sum_dy_xmu_out.mutable_data_ptr<double>();
-  for (int64_t c = 0; c < C; ++c) {
-    double s = 0, sx = 0;
-    for (int t = 0; t < nthreads; ++t) {
-      s += partial[static_cast<size_t>(t) * 2 * C + c];
-      sx += partial[static_cast<size_t>(t) * 2 * C + C + c];
-    }
-    sum_dy[c] = s;
-    sum_dy_xmu[c] = sx;
-  }
+  // The fused ops' reduction with g = dy and t = x - mean.
+  reduce_steps<IO>(
+      make_layout(x), Coefs{{mean_t.const_data_ptr<acc_t>()}},
+      [=](int64_t i, int64_t n, const typename Coefs::Set& s, V* g, V* t) BNEXT_STEP {
+        IO::load_n(dyp + i, g, n);
+        IO::load_n(xp + i, t, n);
+#pragma GCC unroll 4
+        for (int j = 0; j < IO::kParts; ++j) t[j] = t[j] - s.v[0][j];
+      },
+      sum_dy_out.mutable_data_ptr<double>(), sum_dy_xmu_out.mutable_data_ptr<double>());
 }
 
 // dx = dy * a + (x - mean) * b + k, or dx = dy * a when !use_x.
