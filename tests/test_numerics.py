@@ -37,6 +37,26 @@ def test_variance_stable_when_mean_dwarfs_std(shape, fmt, device):
     assert (y.double() - y64).abs().max() <= (yt.double() - y64).abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("shape,fmt", LAYOUTS + [((64, 4, 7, 7), torch.contiguous_format)], ids=str)
+def test_variance_stable_when_first_chunk_is_an_outlier(shape, fmt, device):
+    """The CPU statistics sum about a centre taken from each thread's first
+    chunk of a channel. Sample 0 (the first chunk) sits 300 std above the
+    rest, on top of a mean of 1e4 std: the variance must still be the
+    float64 result at float32 tolerance."""
+    x = torch.randn(shape, device=device) + 1e4
+    x[0] += 300.0
+    x = x.contiguous(memory_format=fmt)
+    C = shape[1]
+    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+    y = bnext.functional.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    rm64 = torch.zeros(C, device=device, dtype=torch.float64)
+    rv64 = torch.ones(C, device=device, dtype=torch.float64)
+    y64 = F.batch_norm(x.double(), rm64, rv64, training=True, momentum=1.0)
+    assert_close(rv, rv64)
+    assert_close(rm, rm64)
+    assert_close(y, y64.float(), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_constant_channel_normalizes_to_bias(fmt, device):
     x = torch.randn(4, 3, 5, 5, device=device)

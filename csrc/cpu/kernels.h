@@ -13,15 +13,6 @@ namespace bnext::cpu {
 // var (C,) in acc dtype.
 std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x);
 
-// out = (x - mean) * alpha + beta, channel-wise; alpha/beta/mean are (C,) in
-// acc dtype. `out` has x's size, layout and dtype.
-void normalize(
-    const at::Tensor& x,
-    const at::Tensor& mean,
-    const at::Tensor& alpha,
-    const at::Tensor& beta,
-    at::Tensor& out);
-
 // Per-channel sums of dy and dy * (x - mean), one pass, returned in float64.
 std::tuple<at::Tensor, at::Tensor> backward_reduce(
     const at::Tensor& dy,

@@ -1,11 +1,13 @@
 // CPU implementations of the bnext ops: argument checks, layout choice and
 // the sequence of passes. The loops themselves live in stats.cpp,
-// normalize.cpp and backward.cpp.
+// fused_forward.cpp (normalization is the fused pass with the identity) and
+// backward.cpp.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "../checks.h"
 #include "channel_math.h"
+#include "fused_kernels.h"
 #include "kernels.h"
 #include "op_utils.h"
 
@@ -15,6 +17,8 @@ namespace {
 
 using at::Tensor;
 using std::optional;
+
+constexpr ActSpec kIdentity{Act::Identity, 0.0};
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train(
     const Tensor& input,
@@ -27,7 +31,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train(
   const Tensor x = input.contiguous(fmt);
   const TrainNormalization t = train_normalization(x, weight, bias, eps);
   Tensor out = empty_output(input, fmt);
-  normalize(x, t.k.mean_hi, t.k.alpha, t.k.beta, out);
+  normalize_act(x, Tensor(), t.k.mean_hi, t.k.alpha, t.k.beta, kIdentity, out);
   return {out, t.mean, t.invstd, t.unbiased_var};
 }
 
@@ -45,7 +49,7 @@ Tensor batch_norm_eval(
   const NormalizeCoeffs k =
       eval_normalization(input, running_mean, running_var, weight, bias, eps);
   Tensor out = empty_output(input, fmt);
-  normalize(x, k.mean_hi, k.alpha, k.beta, out);
+  normalize_act(x, Tensor(), k.mean_hi, k.alpha, k.beta, kIdentity, out);
   return out;
 }
 

@@ -1,15 +1,20 @@
-// Batch statistics in one pass over memory. Each chunk (a run of one
-// channel, or a block of rows) is small enough to be read twice from L1/L2:
-// once for an approximate centre c, once for S1 = sum(x - c) and
-// S2 = sum((x - c)^2). The chunk's exact M2 is S2 - S1^2 / n (the corrected
-// two-pass formula, Bjorck 1996): c is within rounding of the chunk mean,
-// so nothing cancels even when |mean| >> std. Chunks then merge with Chan's
-// parallel Welford formula in double.
+// Batch statistics in one pass over memory.
+//  - Planar runs (a plane of one channel, or a piece of one) are read twice
+//    from L1: once for an approximate centre c, once for S1 = sum(x - c) and
+//    S2 = sum((x - c)^2) (the corrected two-pass formula, Bjorck 1996), so
+//    nothing cancels even when |mean| >> std.
+//  - Channels-inner blocks of rows do the same for the thread's first block;
+//    later blocks are read once, with S1, S2 about the centre the first block
+//    gave each channel (the shifted-data algorithm with a centre within a
+//    few std of the mean).
+// Every thread keeps double sums about one centre per channel; threads merge
+// with Chan's parallel formula in double.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -24,30 +29,55 @@ namespace {
 
 constexpr int kUnroll = 4;
 
-// Summary of one chunk relative to its centre.
-struct ChunkMoments {
-  double center, s1, s2;
-  void merge_into(WelfordStat& w, int64_t n) const {
-    const double dn = static_cast<double>(n);
-    const double m2 = s2 - s1 * s1 / dn;
-    // Clamp rounding below zero, but let NaN through: it must reach the
-    // running variance of its own channel.
-    w.merge(n, center + s1 / dn, m2 < 0.0 ? 0.0 : m2);
+// Per-channel sums about a fixed centre k (the first chunk's centre):
+// a = sum(x - k), b = sum((x - k)^2), in double. A chunk summarised about
+// its own centre c re-centres on k exactly, with no division:
+//   sum(x - k) = s1 + n d,  sum((x - k)^2) = s2 + d (2 s1 + n d),  d = c - k,
+// so adding a 7x7 plane costs a few multiply-adds instead of a Chan merge
+// (two divisions on the plane's critical path, measured 8x slower than
+// reading it). b - a^2 / n cancels only by (mean - k)^2 / var, which a chunk
+// centre of the same channel keeps small, and it is formed in double.
+struct ShiftedSums {
+  int64_t n = 0;
+  double k = 0.0, a = 0.0, b = 0.0;
+
+  void add(int64_t len, double center, double s1, double s2) {
+    if (n == 0) {
+      k = center;
+    }
+    const double dn = static_cast<double>(len);
+    const double d = center - k;
+    a += s1 + dn * d;
+    b += s2 + d * (2.0 * s1 + dn * d);
+    n += len;
   }
 };
 
-// `len` contiguous elements of one channel. kUnroll independent
-// accumulators per pass hide the add/FMA latency; a single chain would be
-// latency-bound at ~1/3 of bandwidth.
+// Adds n values summarised as (k, a, b) to a Welford total.
+inline void merge_shifted(WelfordStat& w, int64_t n, double k, double a, double b) {
+  if (n == 0) {
+    return;
+  }
+  const double dn = static_cast<double>(n);
+  const double m2 = b - a * a / dn;
+  // Clamp rounding below zero, but let NaN through: it must reach the
+  // running variance of its own channel.
+  w.merge(n, k + a / dn, m2 < 0.0 ? 0.0 : m2);
+}
+
+// Mean of `len` contiguous elements, approximately (float sums; it is only
+// a centre). kUnroll independent accumulators hide the add latency; a single
+// chain would be latency-bound at ~1/3 of bandwidth.
 template <typename scalar_t>
-ChunkMoments run_moments(const scalar_t* q, int64_t len) {
+typename VecIO<scalar_t>::acc_t run_mean(const scalar_t* q, int64_t len) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
   constexpr int P = IO::kParts;
   constexpr int U = kUnroll;
   constexpr int64_t K = IO::kStep;
-
+  // Independent of the data, so off the critical path.
+  const acc_t inv_len = acc_t(1) / static_cast<acc_t>(len);
   V sum[U * P];
   for (auto& v : sum) v = V(acc_t(0));
   acc_t tail = 0;
@@ -70,8 +100,22 @@ ChunkMoments run_moments(const scalar_t* q, int64_t len) {
   for (; i < len; ++i) tail += static_cast<acc_t>(q[i]);
 #pragma GCC unroll 16
   for (int u = 1; u < U * P; ++u) sum[0] = sum[0] + sum[u];
-  tail += hsum(sum[0]);
-  const acc_t center = tail / static_cast<acc_t>(len);
+  return (tail + hsum(sum[0])) * inv_len;
+}
+
+// Adds `len` contiguous elements of one channel to `out`: S1 = sum(x - c),
+// S2 = sum((x - c)^2) in one pass. c is the channel's existing centre; for
+// the thread's first run of the channel it is the run's own mean, and the
+// run is read a second time, from L1 (the corrected two-pass formula).
+template <typename scalar_t>
+void run_moments(const scalar_t* q, int64_t len, ShiftedSums& out) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using V = typename IO::V;
+  constexpr int P = IO::kParts;
+  constexpr int U = kUnroll;
+  constexpr int64_t K = IO::kStep;
+  const acc_t center = out.n > 0 ? static_cast<acc_t>(out.k) : run_mean(q, len);
 
   const V vc(center);
   V s1[U * P], s2[U * P];
@@ -81,7 +125,8 @@ ChunkMoments run_moments(const scalar_t* q, int64_t len) {
     s2[u] = V(acc_t(0));
   }
   acc_t t1 = 0, t2 = 0;
-  for (i = 0; i + U * K <= len; i += U * K) {
+  int64_t i = 0;
+  for (; i + U * K <= len; i += U * K) {
 #pragma GCC unroll 16
     for (int u = 0; u < U; ++u) {
       V v[P];
@@ -116,56 +161,73 @@ ChunkMoments run_moments(const scalar_t* q, int64_t len) {
   }
   t1 += hsum(s1[0]);
   t2 += hsum(s2[0]);
-  return {static_cast<double>(center), static_cast<double>(t1), static_cast<double>(t2)};
+  out.add(len, static_cast<double>(center), static_cast<double>(t1), static_cast<double>(t2));
 }
 
-// Per-thread state of the channels-inner path. Every channel of a thread has
-// seen the same rows, so one count serves all channels and the Chan merge is
-// a plain vectorisable loop over C.
+// Per-thread state of the channels-inner path: every channel of a thread
+// has seen the same rows, so one count serves all channels, and after the
+// thread's first block every channel keeps the centre k that block gave it.
+template <typename acc_t>
 struct RowsPartial {
   int64_t n = 0;
-  std::vector<double> mean, m2;
+  std::vector<acc_t> k;       // centre per channel, as the kernels subtract it
+  std::vector<double> a, b;   // sum(x - k), sum((x - k)^2)
 };
 
-// Moments of channels [c0, c0 + NS * K) over `nrows` rows, accumulated in
-// registers: NS steps of K channels per row, i.e. a tile of NS * K adjacent
-// channels (128 bytes of float32 for NS * K = 32) read row after row.
-// Writes the tile's centre, S1 and S2 to the scratch arrays.
-template <typename scalar_t, int NS>
+// Moments of channels [c0, c0 + NS * K) over `nrows` rows: a tile of NS
+// steps of K channels (128 bytes of float32 for NS * K = 32) read row after
+// row, with every accumulator in registers.
+//   kFirst: the thread's first block. A first pass over the tile (re-read
+//           from L1/L2) sets k[c] = the block's mean; then S1, S2 about it.
+//   else:   one pass of S1, S2 about the existing k[c].
+// S1 and S2 (float) are added into a[c], b[c] (double).
+template <typename scalar_t, int NS, bool kFirst>
 void tile_moments(
     const scalar_t* p,
     int64_t nrows,
     int64_t C,
     int64_t c0,
-    typename VecIO<scalar_t>::acc_t* center_out,
-    typename VecIO<scalar_t>::acc_t* s1_out,
-    typename VecIO<scalar_t>::acc_t* s2_out) {
+    RowsPartial<typename VecIO<scalar_t>::acc_t>& part) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
+  using D = Vectorized<double>;
+  using Widen = ToDouble<acc_t>;
   constexpr int P = IO::kParts;
   constexpr int NV = NS * P;
   constexpr int64_t K = IO::kStep;
   constexpr int64_t W = V::size();
+  constexpr int64_t WD = D::size();
+  acc_t* const kp = part.k.data() + c0;
 
-  V sum[NV];
+  V center[NV];
+  if constexpr (kFirst) {
+    V sum[NV];
 #pragma GCC unroll 16
-  for (int v = 0; v < NV; ++v) sum[v] = V(acc_t(0));
-  for (int64_t r = 0; r < nrows; ++r) {
-    const scalar_t* row = p + r * C + c0;
+    for (int v = 0; v < NV; ++v) sum[v] = V(acc_t(0));
+    for (int64_t r = 0; r < nrows; ++r) {
+      const scalar_t* row = p + r * C + c0;
 #pragma GCC unroll 16
-    for (int st = 0; st < NS; ++st) {
-      V v[P];
-      IO::load(row + st * K, v);
+      for (int st = 0; st < NS; ++st) {
+        V v[P];
+        IO::load(row + st * K, v);
 #pragma GCC unroll 16
-      for (int j = 0; j < P; ++j) sum[st * P + j] = sum[st * P + j] + v[j];
+        for (int j = 0; j < P; ++j) sum[st * P + j] = sum[st * P + j] + v[j];
+      }
     }
+    const V inv_rows(acc_t(1) / static_cast<acc_t>(nrows));
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      center[v] = sum[v] * inv_rows;
+      center[v].store(kp + v * W);
+    }
+  } else {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) center[v] = V::loadu(kp + v * W);
   }
-  const V inv_rows(acc_t(1) / static_cast<acc_t>(nrows));
-  V center[NV], s1[NV], s2[NV];
+  V s1[NV], s2[NV];
 #pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) {
-    center[v] = sum[v] * inv_rows;
     s1[v] = V(acc_t(0));
     s2[v] = V(acc_t(0));
   }
@@ -184,135 +246,79 @@ void tile_moments(
       }
     }
   }
+  double* const ap = part.a.data() + c0;
+  double* const bp = part.b.data() + c0;
 #pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) {
-    center[v].store(center_out + c0 + v * W);
-    s1[v].store(s1_out + c0 + v * W);
-    s2[v].store(s2_out + c0 + v * W);
+    D a[Widen::kParts], b[Widen::kParts];
+    Widen::apply(s1[v], a);
+    Widen::apply(s2[v], b);
+#pragma GCC unroll 4
+    for (int q = 0; q < Widen::kParts; ++q) {
+      double* pa = ap + v * W + q * WD;
+      double* pb = bp + v * W + q * WD;
+      (D::loadu(pa) + a[q]).store(pa);
+      (D::loadu(pb) + b[q]).store(pb);
+    }
   }
 }
 
-// Chan-merges a block summarised as (centre, S1, S2) per channel into the
-// thread's state. All channels share the block's row count, so this is a
-// plain loop over C.
-template <typename acc_t>
-void merge_block(
-    int64_t nrows,
-    int64_t C,
-    const acc_t* center,
-    const acc_t* s1,
-    const acc_t* s2,
-    RowsPartial& part) {
-  const double nb = static_cast<double>(nrows);
-  const double na = static_cast<double>(part.n);
-  const double wb = nb / (na + nb);
-  double* mean = part.mean.data();
-  double* m2 = part.m2.data();
-  for (int64_t c = 0; c < C; ++c) {
-    const double d1 = s1[c];
-    const double mean_b = static_cast<double>(center[c]) + d1 / nb;
-    const double raw = static_cast<double>(s2[c]) - d1 * d1 / nb;
-    const double m2_b = raw < 0.0 ? 0.0 : raw;  // NaN passes
-    const double delta = mean_b - mean[c];
-    mean[c] += delta * wb;
-    m2[c] += m2_b + delta * delta * na * wb;
-  }
-  part.n += nrows;
-}
-
-// S1 = sum(x - centre), S2 = sum((x - centre)^2) over `nrows` rows in one
-// pass in memory order, centre = the thread's current mean.
+// Channels past the last full step, one at a time (C % K of them).
 template <typename scalar_t>
-void shifted_rows_moments(
+void scalar_channel_moments(
     const scalar_t* p,
     int64_t nrows,
     int64_t C,
-    const RowsPartial& part,
-    typename VecIO<scalar_t>::acc_t* center,
-    typename VecIO<scalar_t>::acc_t* s1,
-    typename VecIO<scalar_t>::acc_t* s2) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using V = typename IO::V;
-  constexpr int P = IO::kParts;
-  constexpr int64_t K = IO::kStep;
-  constexpr int64_t W = V::size();
-  for (int64_t c = 0; c < C; ++c) {
-    center[c] = static_cast<acc_t>(part.mean[c]);
-    s1[c] = 0;
-    s2[c] = 0;
+    int64_t c,
+    bool first,
+    RowsPartial<typename VecIO<scalar_t>::acc_t>& part) {
+  using acc_t = typename VecIO<scalar_t>::acc_t;
+  if (first) {
+    acc_t sum = 0;
+    for (int64_t r = 0; r < nrows; ++r) sum += static_cast<acc_t>(p[r * C + c]);
+    part.k[c] = sum / static_cast<acc_t>(nrows);
   }
+  const acc_t ctr = part.k[c];
+  acc_t t1 = 0, t2 = 0;
   for (int64_t r = 0; r < nrows; ++r) {
-    const scalar_t* row = p + r * C;
-    int64_t c = 0;
-    for (; c + K <= C; c += K) {
-      V v[P];
-      IO::load(row + c, v);
-#pragma GCC unroll 16
-      for (int j = 0; j < P; ++j) {
-        const int64_t cj = c + j * W;
-        const V d = v[j] - V::loadu(center + cj);
-        (V::loadu(s1 + cj) + d).store(s1 + cj);
-        at::vec::fmadd(d, d, V::loadu(s2 + cj)).store(s2 + cj);
-      }
-    }
-    for (; c < C; ++c) {
-      const acc_t d = static_cast<acc_t>(row[c]) - center[c];
-      s1[c] += d;
-      s2[c] += d * d;
-    }
+    const acc_t d = static_cast<acc_t>(p[r * C + c]) - ctr;
+    t1 += d;
+    t2 += d * d;
   }
+  part.a[c] += t1;
+  part.b[c] += t2;
 }
 
-// Adds a block of `nrows` rows of C channels to `part`. `scratch` holds
-// 3 * C acc_t. Channels go in register tiles (see tile_moments); the block's
-// second read comes from L1/L2.
+// Adds a block of `nrows` full rows of C channels to `part`, channels in
+// register tiles (see tile_moments).
 template <typename scalar_t>
 void rows_moments(
     const scalar_t* p,
     int64_t nrows,
     int64_t C,
-    typename VecIO<scalar_t>::acc_t* scratch,
-    RowsPartial& part) {
+    RowsPartial<typename VecIO<scalar_t>::acc_t>& part) {
   using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
   constexpr int64_t K = IO::kStep;
   constexpr int kTileSteps = 4 / IO::kParts;  // 4 accumulation vectors per tile
-  acc_t* center = scratch;
-  acc_t* s1 = scratch + C;
-  acc_t* s2 = scratch + 2 * C;
-
-  if (part.n > 0) {
-    // The thread's statistics so far give a centre within ~std/4 of the
-    // channel mean, so one streaming pass of shifted sums (no re-read, rows
-    // in memory order) loses nothing to cancellation.
-    shifted_rows_moments(p, nrows, C, part, center, s1, s2);
-    merge_block(nrows, C, center, s1, s2, part);
-    return;
-  }
-  int64_t c0 = 0;
-  for (; c0 + kTileSteps * K <= C; c0 += kTileSteps * K) {
-    tile_moments<scalar_t, kTileSteps>(p, nrows, C, c0, center, s1, s2);
-  }
-  for (; c0 + K <= C; c0 += K) {
-    tile_moments<scalar_t, 1>(p, nrows, C, c0, center, s1, s2);
-  }
-  for (; c0 < C; ++c0) {  // channel tail, scalar
-    acc_t sum = 0;
-    for (int64_t r = 0; r < nrows; ++r) sum += static_cast<acc_t>(p[r * C + c0]);
-    const acc_t ctr = sum / static_cast<acc_t>(nrows);
-    acc_t t1 = 0, t2 = 0;
-    for (int64_t r = 0; r < nrows; ++r) {
-      const acc_t d = static_cast<acc_t>(p[r * C + c0]) - ctr;
-      t1 += d;
-      t2 += d * d;
+  auto tiles = [&](auto first) {
+    constexpr bool kFirst = decltype(first)::value;
+    int64_t c0 = 0;
+    for (; c0 + kTileSteps * K <= C; c0 += kTileSteps * K) {
+      tile_moments<scalar_t, kTileSteps, kFirst>(p, nrows, C, c0, part);
     }
-    center[c0] = ctr;
-    s1[c0] = t1;
-    s2[c0] = t2;
+    for (; c0 + K <= C; c0 += K) {
+      tile_moments<scalar_t, 1, kFirst>(p, nrows, C, c0, part);
+    }
+    for (; c0 < C; ++c0) {
+      scalar_channel_moments(p, nrows, C, c0, kFirst, part);
+    }
+  };
+  if (part.n == 0) {
+    tiles(std::true_type{});
+  } else {
+    tiles(std::false_type{});
   }
-
-  merge_block(nrows, C, center, s1, s2, part);
+  part.n += nrows;
 }
 
 template <typename scalar_t>
@@ -325,25 +331,23 @@ void batch_stats_impl(
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const int64_t C = L.C;
   const int nthreads = at::get_num_threads();
-  // Planar path: one WelfordStat per (thread, channel). Channels-inner path:
-  // one RowsPartial per thread plus 3 * C scratch values.
-  std::vector<WelfordStat> partial(L.channels_inner ? 0 : static_cast<size_t>(nthreads) * C);
-  std::vector<RowsPartial> rows_partial(L.channels_inner ? nthreads : 0);
-  std::vector<acc_t> scratch(L.channels_inner ? static_cast<size_t>(nthreads) * 3 * C : 0);
+  // Planar path: one ShiftedSums per (thread, channel). Channels-inner
+  // path: one RowsPartial per thread.
+  std::vector<ShiftedSums> partial(L.channels_inner ? 0 : static_cast<size_t>(nthreads) * C);
+  std::vector<RowsPartial<acc_t>> rows_partial(L.channels_inner ? nthreads : 0);
   for (auto& rp : rows_partial) {
-    rp.mean.assign(C, 0.0);
-    rp.m2.assign(C, 0.0);
+    rp.k.assign(C, acc_t(0));
+    rp.a.assign(C, 0.0);
+    rp.b.assign(C, 0.0);
   }
 
   parallel_reduce_chunks(
       L,
       [&](int tid, int64_t c, int64_t offset, int64_t len) {
-        run_moments(xp + offset, len)
-            .merge_into(partial[static_cast<size_t>(tid) * C + c], len);
+        run_moments(xp + offset, len, partial[static_cast<size_t>(tid) * C + c]);
       },
       [&](int tid, int64_t offset, int64_t nrows) {
-        rows_moments(xp + offset, nrows, C,
-                     scratch.data() + static_cast<size_t>(tid) * 3 * C, rows_partial[tid]);
+        rows_moments(xp + offset, nrows, C, rows_partial[tid]);
       });
 
   double* mean = mean_out.mutable_data_ptr<double>();
@@ -352,10 +356,11 @@ void batch_stats_impl(
     WelfordStat total;
     for (int t = 0; t < nthreads; ++t) {
       if (L.channels_inner) {
-        const RowsPartial& rp = rows_partial[t];
-        total.merge(rp.n, rp.mean[c], rp.m2[c]);
+        const RowsPartial<acc_t>& rp = rows_partial[t];
+        merge_shifted(total, rp.n, static_cast<double>(rp.k[c]), rp.a[c], rp.b[c]);
       } else {
-        total.merge(partial[static_cast<size_t>(t) * C + c]);
+        const ShiftedSums& s = partial[static_cast<size_t>(t) * C + c];
+        merge_shifted(total, s.n, s.k, s.a, s.b);
       }
     }
     // An empty batch has no statistics; 0/0 here would leak NaN into the

@@ -69,15 +69,34 @@ struct VecIO<c10::BFloat16> : VecIOHalf<c10::BFloat16> {};
 template <>
 struct VecIO<c10::Half> : VecIOHalf<c10::Half> {};
 
-template <typename acc_t>
-inline acc_t hsum(const Vectorized<acc_t>& v) {
-  alignas(64) acc_t buf[Vectorized<acc_t>::size()];
-  v.store(buf);
-  acc_t s = 0;
-  for (int64_t i = 0; i < Vectorized<acc_t>::size(); ++i) {
-    s += buf[i];
-  }
-  return s;
+// Horizontal sum as a shuffle tree: a store and a serial chain of scalar
+// adds sat on the critical path of every 7x7 plane's statistics.
+inline float hsum(const Vectorized<float>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_add_ps(v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 x = v;
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+#else
+  return at::vec::vec_reduce_all<float>(
+      [](const Vectorized<float>& a, const Vectorized<float>& b) { return a + b; }, v);
+#endif
+}
+
+inline double hsum(const Vectorized<double>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_add_pd(v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256d x = v;
+  const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+#else
+  return at::vec::vec_reduce_all<double>(
+      [](const Vectorized<double>& a, const Vectorized<double>& b) { return a + b; }, v);
+#endif
 }
 
 }  // namespace bnext::cpu
