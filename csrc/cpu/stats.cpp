@@ -4,11 +4,11 @@
 //    S2 = sum((x - c)^2) (the corrected two-pass formula, Bjorck 1996), so
 //    nothing cancels even when |mean| >> std.
 //  - Channels-inner blocks of rows do the same for the thread's first block;
-//    later blocks are read once, with S1, S2 about the centre the first block
-//    gave each channel (the shifted-data algorithm with a centre within a
-//    few std of the mean).
-// Every thread keeps double sums about one centre per channel; threads merge
-// with Chan's parallel formula in double.
+//    later blocks are read once, with S1, S2 about the thread's mean so far
+//    (the shifted-data algorithm with a centre near the mean).
+// Later planar runs, too, are read once about the channel's mean so far.
+// Per thread, planar runs add into double sums about one origin per channel
+// and row blocks Chan-merge in double; threads merge with Chan's formula.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -29,27 +29,34 @@ namespace {
 
 constexpr int kUnroll = 4;
 
-// Per-channel sums about a fixed centre k (the first chunk's centre):
+// Per-channel sums about a fixed origin k (the first chunk's centre):
 // a = sum(x - k), b = sum((x - k)^2), in double. A chunk summarised about
-// its own centre c re-centres on k exactly, with no division:
+// its own centre c moves to k exactly, with no division:
 //   sum(x - k) = s1 + n d,  sum((x - k)^2) = s2 + d (2 s1 + n d),  d = c - k,
 // so adding a 7x7 plane costs a few multiply-adds instead of a Chan merge
 // (two divisions on the plane's critical path, measured 8x slower than
-// reading it). b - a^2 / n cancels only by (mean - k)^2 / var, which a chunk
-// centre of the same channel keeps small, and it is formed in double.
+// reading it). b - a^2 / n is formed in double, where (mean - k)^2 / var
+// up to the number of chunks costs nothing.
+// The float sums s1, s2 lose eps * (chunk mean - c)^2 / var, so each chunk
+// is summed about `center`, the channel's mean so far: it is updated after
+// each chunk, off the critical path of the next one (C planes later).
+template <typename acc_t>
 struct ShiftedSums {
   int64_t n = 0;
   double k = 0.0, a = 0.0, b = 0.0;
+  acc_t center = 0;
 
-  void add(int64_t len, double center, double s1, double s2) {
+  void add(int64_t len, acc_t c, double s1, double s2) {
+    const double cd = static_cast<double>(c);
     if (n == 0) {
-      k = center;
+      k = cd;
     }
     const double dn = static_cast<double>(len);
-    const double d = center - k;
+    const double d = cd - k;
     a += s1 + dn * d;
     b += s2 + d * (2.0 * s1 + dn * d);
     n += len;
+    center = static_cast<acc_t>(k + a / static_cast<double>(n));
   }
 };
 
@@ -104,18 +111,18 @@ typename VecIO<scalar_t>::acc_t run_mean(const scalar_t* q, int64_t len) {
 }
 
 // Adds `len` contiguous elements of one channel to `out`: S1 = sum(x - c),
-// S2 = sum((x - c)^2) in one pass. c is the channel's existing centre; for
-// the thread's first run of the channel it is the run's own mean, and the
-// run is read a second time, from L1 (the corrected two-pass formula).
+// S2 = sum((x - c)^2) in one pass. c is the channel's mean so far; for the
+// thread's first run of the channel it is the run's own mean, and the run
+// is read a second time, from L1 (the corrected two-pass formula).
 template <typename scalar_t>
-void run_moments(const scalar_t* q, int64_t len, ShiftedSums& out) {
+void run_moments(const scalar_t* q, int64_t len, ShiftedSums<typename VecIO<scalar_t>::acc_t>& out) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
   constexpr int P = IO::kParts;
   constexpr int U = kUnroll;
   constexpr int64_t K = IO::kStep;
-  const acc_t center = out.n > 0 ? static_cast<acc_t>(out.k) : run_mean(q, len);
+  const acc_t center = out.n > 0 ? out.center : run_mean(q, len);
 
   const V vc(center);
   V s1[U * P], s2[U * P];
@@ -161,26 +168,27 @@ void run_moments(const scalar_t* q, int64_t len, ShiftedSums& out) {
   }
   t1 += hsum(s1[0]);
   t2 += hsum(s2[0]);
-  out.add(len, static_cast<double>(center), static_cast<double>(t1), static_cast<double>(t2));
+  out.add(len, center, static_cast<double>(t1), static_cast<double>(t2));
 }
 
 // Per-thread state of the channels-inner path: every channel of a thread
-// has seen the same rows, so one count serves all channels, and after the
-// thread's first block every channel keeps the centre k that block gave it.
+// has seen the same rows, so one count serves all channels, and merging a
+// block is a plain vectorisable loop over C.
 template <typename acc_t>
 struct RowsPartial {
   int64_t n = 0;
-  std::vector<acc_t> k;       // centre per channel, as the kernels subtract it
-  std::vector<double> a, b;   // sum(x - k), sum((x - k)^2)
+  std::vector<double> mean, m2;
+  std::vector<acc_t> center;  // mean as the kernels subtract it
+  std::vector<acc_t> s1, s2;  // the current block's sums about `center`
 };
 
 // Moments of channels [c0, c0 + NS * K) over `nrows` rows: a tile of NS
 // steps of K channels (128 bytes of float32 for NS * K = 32) read row after
 // row, with every accumulator in registers.
 //   kFirst: the thread's first block. A first pass over the tile (re-read
-//           from L1/L2) sets k[c] = the block's mean; then S1, S2 about it.
-//   else:   one pass of S1, S2 about the existing k[c].
-// S1 and S2 (float) are added into a[c], b[c] (double).
+//           from L1/L2) sets center[c] = the block's mean.
+//   else:   center[c] is the thread's mean so far, so the block is read once.
+// Writes S1 = sum(x - center) and S2 = sum((x - center)^2) to part.s1/s2.
 template <typename scalar_t, int NS, bool kFirst>
 void tile_moments(
     const scalar_t* p,
@@ -191,14 +199,11 @@ void tile_moments(
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
-  using D = Vectorized<double>;
-  using Widen = ToDouble<acc_t>;
   constexpr int P = IO::kParts;
   constexpr int NV = NS * P;
   constexpr int64_t K = IO::kStep;
   constexpr int64_t W = V::size();
-  constexpr int64_t WD = D::size();
-  acc_t* const kp = part.k.data() + c0;
+  acc_t* const kp = part.center.data() + c0;
 
   V center[NV];
   if constexpr (kFirst) {
@@ -246,20 +251,10 @@ void tile_moments(
       }
     }
   }
-  double* const ap = part.a.data() + c0;
-  double* const bp = part.b.data() + c0;
 #pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) {
-    D a[Widen::kParts], b[Widen::kParts];
-    Widen::apply(s1[v], a);
-    Widen::apply(s2[v], b);
-#pragma GCC unroll 4
-    for (int q = 0; q < Widen::kParts; ++q) {
-      double* pa = ap + v * W + q * WD;
-      double* pb = bp + v * W + q * WD;
-      (D::loadu(pa) + a[q]).store(pa);
-      (D::loadu(pb) + b[q]).store(pb);
-    }
+    s1[v].store(part.s1.data() + c0 + v * W);
+    s2[v].store(part.s2.data() + c0 + v * W);
   }
 }
 
@@ -276,17 +271,44 @@ void scalar_channel_moments(
   if (first) {
     acc_t sum = 0;
     for (int64_t r = 0; r < nrows; ++r) sum += static_cast<acc_t>(p[r * C + c]);
-    part.k[c] = sum / static_cast<acc_t>(nrows);
+    part.center[c] = sum / static_cast<acc_t>(nrows);
   }
-  const acc_t ctr = part.k[c];
+  const acc_t ctr = part.center[c];
   acc_t t1 = 0, t2 = 0;
   for (int64_t r = 0; r < nrows; ++r) {
     const acc_t d = static_cast<acc_t>(p[r * C + c]) - ctr;
     t1 += d;
     t2 += d * d;
   }
-  part.a[c] += t1;
-  part.b[c] += t2;
+  part.s1[c] = t1;
+  part.s2[c] = t2;
+}
+
+// Chan-merges the block summarised in part.center/s1/s2 into part.mean/m2
+// and moves every centre to the new mean.
+template <typename acc_t>
+void merge_block(int64_t nrows, int64_t C, RowsPartial<acc_t>& part) {
+  const double nb = static_cast<double>(nrows);
+  const double inv_nb = 1.0 / nb;
+  const double na = static_cast<double>(part.n);
+  const double wb = nb / (na + nb);
+  const bool first = part.n == 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const double d1 = part.s1[c];
+    const double mean_b = static_cast<double>(part.center[c]) + d1 * inv_nb;
+    const double raw = static_cast<double>(part.s2[c]) - d1 * d1 * inv_nb;
+    const double m2_b = raw < 0.0 ? 0.0 : raw;  // NaN passes
+    if (first) {
+      part.mean[c] = mean_b;
+      part.m2[c] = m2_b;
+    } else {
+      const double delta = mean_b - part.mean[c];
+      part.mean[c] += delta * wb;
+      part.m2[c] += m2_b + delta * delta * na * wb;
+    }
+    part.center[c] = static_cast<acc_t>(part.mean[c]);
+  }
+  part.n += nrows;
 }
 
 // Adds a block of `nrows` full rows of C channels to `part`, channels in
@@ -318,7 +340,7 @@ void rows_moments(
   } else {
     tiles(std::false_type{});
   }
-  part.n += nrows;
+  merge_block(nrows, C, part);
 }
 
 template <typename scalar_t>
@@ -333,12 +355,15 @@ void batch_stats_impl(
   const int nthreads = at::get_num_threads();
   // Planar path: one ShiftedSums per (thread, channel). Channels-inner
   // path: one RowsPartial per thread.
-  std::vector<ShiftedSums> partial(L.channels_inner ? 0 : static_cast<size_t>(nthreads) * C);
+  std::vector<ShiftedSums<acc_t>> partial(
+      L.channels_inner ? 0 : static_cast<size_t>(nthreads) * C);
   std::vector<RowsPartial<acc_t>> rows_partial(L.channels_inner ? nthreads : 0);
   for (auto& rp : rows_partial) {
-    rp.k.assign(C, acc_t(0));
-    rp.a.assign(C, 0.0);
-    rp.b.assign(C, 0.0);
+    rp.mean.assign(C, 0.0);
+    rp.m2.assign(C, 0.0);
+    rp.center.assign(C, acc_t(0));
+    rp.s1.assign(C, acc_t(0));
+    rp.s2.assign(C, acc_t(0));
   }
 
   parallel_reduce_chunks(
@@ -357,9 +382,9 @@ void batch_stats_impl(
     for (int t = 0; t < nthreads; ++t) {
       if (L.channels_inner) {
         const RowsPartial<acc_t>& rp = rows_partial[t];
-        merge_shifted(total, rp.n, static_cast<double>(rp.k[c]), rp.a[c], rp.b[c]);
+        total.merge(rp.n, rp.mean[c], rp.m2[c]);
       } else {
-        const ShiftedSums& s = partial[static_cast<size_t>(t) * C + c];
+        const ShiftedSums<acc_t>& s = partial[static_cast<size_t>(t) * C + c];
         merge_shifted(total, s.n, s.k, s.a, s.b);
       }
     }
