@@ -10,7 +10,7 @@
   vmap over grad) refuse. ``BatchNormTrainFn``/``BatchNormEvalFn`` are the
   same derivatives as new-style Functions; ``train_forward``/``eval_forward``
   use them only while a torch.func transform is active, because
-  ``autograd.Function.apply`` costs ~25 us more per call than the C++ node.
+  ``autograd.Function.apply`` costs more per call than the C++ node.
 
 ``update_running_stats`` mutates its inputs, so torch.library refuses an
 autograd formula for it; its inputs are statistics and need none.

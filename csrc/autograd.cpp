@@ -11,8 +11,9 @@
 //  - backward: bnext::batch_norm_backward below autograd, or through its
 //    own autograd formula when the graph is being recorded (create_graph):
 //    that formula (Python, closed-form VJP) gives double backward.
-// torch.func transforms use Python autograd.Functions instead
-// (bnext/_autograd.py), which they require.
+// While a torch.func transform is active, bnext/_autograd.py routes calls
+// through new-style Python autograd.Functions instead (tested there; these
+// nodes are not tested under transforms).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>

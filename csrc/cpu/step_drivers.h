@@ -73,8 +73,8 @@ struct CoefPair {
 
 // Channels-inner rows are walked in memory order (blocks of rows walked
 // channel-step first, one long stride per row, measured ~2x slower; groups
-// of 4 rows walked step by step, sharing coefficient loads, up to 1.7x
-// slower for elementwise passes). Reductions take kReduceRowGroup rows per
+// of 4 rows walked step by step, sharing coefficient loads, were slower for
+// elementwise passes in one noisy op-by-op run, up to 1.7x). Reductions take kReduceRowGroup rows per
 // channel step: a group's terms are summed in float registers, then widened
 // into the thread's double partials: four terms per lane, few enough that
 // the cancelling gradient sums keep float32 accuracy.
