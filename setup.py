@@ -1,8 +1,11 @@
 """Builds bnext._C with torch.utils.cpp_extension.
 
 CPU sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built. CUDA sources
-(csrc/cuda/*.cu) are added when the installed torch has CUDA and nvcc is
-found; set BNEXT_FORCE_CPU=1 to skip them anyway.
+(csrc/cuda/*.cu and the binding csrc/cuda/*.cpp) are added, with
+CUDAExtension, when the installed torch has CUDA and nvcc is found; set
+BNEXT_FORCE_CPU=1 to skip them anyway. The CUDA kernels are built for sm_80
+and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise (e.g. "9.0" for an
+H100/H200 only, which halves the build time).
 
 The CPU kernels use at::vec::Vectorized, whose width is fixed at compile
 time. By default the build targets the widest instruction set the *building*
@@ -73,10 +76,12 @@ def _extension():
     cxx_flags = ["-O3", "-fopenmp"] + _CAPABILITY_FLAGS[capability]
     link_flags = ["-fopenmp"]
     if _want_cuda() and cuda_sources:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        print(f"bnext: building CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
         return cpp_extension.CUDAExtension(
             "bnext._C",
             cpu_sources + cuda_sources,
-            extra_compile_args={"cxx": cxx_flags + ["-DBNEXT_WITH_CUDA"], "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=link_flags,
         )
     return cpp_extension.CppExtension(

@@ -1,6 +1,10 @@
 #include "checks.h"
 
+#include <ATen/ops/any.h>
+#include <ATen/ops/eq.h>
 #include <c10/util/Exception.h>
+
+#include <string>
 
 namespace bnext {
 
@@ -97,6 +101,106 @@ void check_eps(double eps, bool training) {
   } else {
     TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
   }
+}
+
+void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input) {
+  TORCH_CHECK(
+      grad_output.sizes() == input.sizes(), "grad_output has size ",
+      grad_output.sizes(), " but input has size ", input.sizes());
+  TORCH_CHECK(
+      grad_output.scalar_type() == input.scalar_type(),
+      "grad_output dtype ", grad_output.scalar_type(),
+      " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(
+      grad_output.device() == input.device(),
+      "Expected all tensors to be on the same device, but found input on ",
+      input.device(), " and grad_output on ", grad_output.device());
+}
+
+void check_update_running_args(
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    const at::Tensor& save_mean,
+    const at::Tensor& unbiased_var,
+    std::optional<double> momentum,
+    const std::optional<at::Tensor>& num_batches_tracked) {
+  const int64_t C = save_mean.numel();
+  TORCH_CHECK(
+      running_mean.numel() == C, "running_mean should contain ", C,
+      " elements not ", running_mean.numel());
+  TORCH_CHECK(
+      running_var.numel() == C, "running_var should contain ", C,
+      " elements not ", running_var.numel());
+  TORCH_CHECK(
+      unbiased_var.numel() == C, "unbiased_var should contain ", C,
+      " elements not ", unbiased_var.numel());
+  TORCH_CHECK(
+      running_mean.scalar_type() == running_var.scalar_type() &&
+          running_mean.device() == save_mean.device() &&
+          running_var.device() == save_mean.device() &&
+          unbiased_var.device() == save_mean.device(),
+      "update_running_stats: running_mean and running_var must share a dtype "
+      "and the statistics' device");
+  if (!momentum.has_value()) {
+    TORCH_CHECK(
+        num_batches_tracked.has_value() && num_batches_tracked->defined() &&
+            num_batches_tracked->numel() == 1,
+        "update_running_stats: momentum=None (cumulative average) needs a "
+        "one-element num_batches_tracked");
+  }
+}
+
+void check_backward_statistics(
+    bool train,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& save_mean,
+    const std::optional<at::Tensor>& save_invstd,
+    const char* op_name) {
+  if (train) {
+    TORCH_CHECK(
+        save_mean.has_value() && save_invstd.has_value(), op_name,
+        ": train=True needs save_mean and save_invstd");
+  } else {
+    TORCH_CHECK(
+        running_mean.has_value() && running_var.has_value(), op_name,
+        ": train=False needs running_mean and running_var");
+  }
+}
+
+void check_residual(const at::Tensor& input, const std::optional<at::Tensor>& residual) {
+  if (!residual.has_value() || !residual->defined()) {
+    return;
+  }
+  TORCH_CHECK(
+      residual->sizes() == input.sizes(), "bnext: residual has size ",
+      residual->sizes(), " but input has size ", input.sizes());
+  TORCH_CHECK(
+      residual->scalar_type() == input.scalar_type(), "bnext: residual dtype ",
+      residual->scalar_type(), " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(
+      residual->device() == input.device(),
+      "Expected all tensors to be on the same device, but found input on ",
+      input.device(), " and residual on ", residual->device());
+}
+
+void check_memory_saving(
+    std::string_view activation,
+    double negative_slope,
+    const std::optional<at::Tensor>& weight,
+    bool scan_weight) {
+  TORCH_CHECK_VALUE(
+      act_invertible(parse_activation(activation), negative_slope),
+      "bnext: memory_saving=True recovers the normalized input from the "
+      "output, so it needs an invertible activation (identity, elu, or "
+      "leaky_relu with negative_slope > 0); got '", std::string(activation),
+      "' with negative_slope=", negative_slope);
+  const bool has_weight = weight.has_value() && weight->defined();
+  TORCH_CHECK_VALUE(
+      !scan_weight || !has_weight || !at::eq(*weight, 0).any().item<bool>(),
+      "bnext: memory_saving=True cannot recover x_hat = (y - bias) / weight "
+      "in a channel whose weight is 0; use memory_saving=False for this "
+      "layer (e.g. zero-initialised residual-branch weights)");
 }
 
 }  // namespace bnext

@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include "activation_kind.h"
+
 namespace bnext {
 
 // Validates input against the per-channel tensors that are present. Throws
@@ -27,5 +29,42 @@ at::MemoryFormat output_memory_format(const at::Tensor& input);
 
 // Accumulation dtype: float64 for float64 input, float32 otherwise.
 at::ScalarType acc_dtype(at::ScalarType input_dtype);
+
+// A backward's grad_output: the input's sizes and dtype (RuntimeError).
+void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input);
+
+// update_running_stats: C-element buffers and statistics, running buffers
+// sharing a dtype and the statistics' device; with momentum None, a
+// one-element num_batches_tracked (RuntimeError).
+void check_update_running_args(
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    const at::Tensor& save_mean,
+    const at::Tensor& unbiased_var,
+    std::optional<double> momentum,
+    const std::optional<at::Tensor>& num_batches_tracked);
+
+// What a backward normalizes with must be given: save_mean/save_invstd when
+// train, running_mean/running_var otherwise (RuntimeError).
+void check_backward_statistics(
+    bool train,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& save_mean,
+    const std::optional<at::Tensor>& save_invstd,
+    const char* op_name);
+
+// A fused op's residual: the input's sizes, dtype and device (RuntimeError).
+void check_residual(const at::Tensor& input, const std::optional<at::Tensor>& residual);
+
+// memory_saving recovers x_hat from the output, so it needs an invertible
+// activation and, when scan_weight, no zero weight (ValueError). The weight
+// scan reads the values on the host: a device backend passes false where a
+// sync is not allowed (CUDA graph capture).
+void check_memory_saving(
+    std::string_view activation,
+    double negative_slope,
+    const std::optional<at::Tensor>& weight,
+    bool scan_weight);
 
 }  // namespace bnext

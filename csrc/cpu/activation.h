@@ -12,16 +12,9 @@
 #include <cmath>
 #include <string_view>
 
+#include "../activation_kind.h"
+
 namespace bnext::cpu {
-
-enum class Act { Identity, Relu, LeakyRelu, Elu, Silu, Gelu, GeluTanh };
-
-// Parses the schema's `activation` string; ValueError for an unknown name.
-Act parse_activation(std::string_view name);
-
-// Whether the input of the activation can be recovered from its output:
-// identity, leaky_relu with a positive slope, elu.
-bool act_invertible(Act act, double negative_slope);
 
 template <Act A, typename acc_t>
 struct ActFn {

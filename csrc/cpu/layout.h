@@ -1,11 +1,5 @@
-// How a (N, C, *) tensor is walked per channel on the CPU, and the two
-// parallel drivers (reduction and elementwise) every kernel is built from.
-//
-// A dense tensor is one of two layouts:
-//  - planar (NCHW-like): N planes of S contiguous elements per channel;
-//  - channels-inner (NHWC-like, and every (N, C) input): N*S rows of C
-//    contiguous channels.
-// Kernels walk either layout natively; nothing is transposed.
+// The two parallel CPU drivers (reduction and elementwise) every kernel is
+// built from, over the planar / channels-inner layouts of channel_layout.h.
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -13,20 +7,9 @@
 #include <algorithm>
 #include <vector>
 
+#include "../channel_layout.h"
+
 namespace bnext::cpu {
-
-struct ChannelLayout {
-  int64_t N = 0;
-  int64_t C = 0;
-  int64_t S = 0;  // product of the spatial sizes
-  bool channels_inner = false;
-
-  int64_t rows() const { return N * S; }
-  int64_t count() const { return N * S; }  // elements per channel
-};
-
-// `x` must already be dense in output_memory_format(x).
-ChannelLayout make_layout(const at::Tensor& x);
 
 // Elements one reduction chunk covers: small enough that a chunk read twice
 // (two-pass chunk statistics) is served from L1/L2 the second time, large

@@ -48,15 +48,10 @@ std::pair<at::Tensor, at::Tensor> backward_statistics(
     const char* op_name) {
   const int64_t C = input.size(1);
   const at::ScalarType acc = acc_dtype(input.scalar_type());
+  check_backward_statistics(train, running_mean, running_var, save_mean, save_invstd, op_name);
   if (train) {
-    TORCH_CHECK(
-        save_mean.has_value() && save_invstd.has_value(), op_name,
-        ": train=True needs save_mean and save_invstd");
     return {channel_param(save_mean, C, at::kDouble, 0.0), channel_param(save_invstd, C, acc, 1.0)};
   }
-  TORCH_CHECK(
-      running_mean.has_value() && running_var.has_value(), op_name,
-      ": train=False needs running_mean and running_var");
   return {channel_param(running_mean, C, at::kDouble, 0.0),
           invstd_from_var(channel_param(running_var, C, acc, 1.0), eps)};
 }

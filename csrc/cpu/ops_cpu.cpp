@@ -60,37 +60,18 @@ void update_running_stats(
     const Tensor& unbiased_var,
     optional<double> momentum,
     const optional<Tensor>& num_batches_tracked) {
-  const int64_t C = save_mean.numel();
-  TORCH_CHECK(
-      running_mean.numel() == C, "running_mean should contain ", C,
-      " elements not ", running_mean.numel());
-  TORCH_CHECK(
-      running_var.numel() == C, "running_var should contain ", C,
-      " elements not ", running_var.numel());
-  TORCH_CHECK(
-      unbiased_var.numel() == C, "unbiased_var should contain ", C,
-      " elements not ", unbiased_var.numel());
+  check_update_running_args(
+      running_mean, running_var, save_mean, unbiased_var, momentum, num_batches_tracked);
   double factor = 0.0;
   if (momentum.has_value()) {
     factor = *momentum;
   } else {
-    TORCH_CHECK(
-        num_batches_tracked.has_value() && num_batches_tracked->defined() &&
-            num_batches_tracked->numel() == 1,
-        "update_running_stats: momentum=None (cumulative average) needs a "
-        "one-element num_batches_tracked");
     const int64_t count = num_batches_tracked->item<int64_t>();
     TORCH_CHECK(
         count > 0, "update_running_stats: num_batches_tracked must be "
         "positive for a cumulative average, got ", count);
     factor = 1.0 / static_cast<double>(count);
   }
-  TORCH_CHECK(
-      running_mean.scalar_type() == running_var.scalar_type() &&
-          running_mean.device() == save_mean.device() &&
-          running_var.device() == save_mean.device(),
-      "update_running_stats: running_mean and running_var must share a dtype "
-      "and the statistics' device");
   // Statistics in double stay double; anything else is read as float32.
   const at::ScalarType acc =
       save_mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -112,13 +93,7 @@ batch_norm_backward(
     double eps,
     std::array<bool, 3> output_mask) {
   check_batch_norm_args(input, weight, std::nullopt, std::nullopt, std::nullopt);
-  TORCH_CHECK(
-      grad_output.sizes() == input.sizes(), "grad_output has size ",
-      grad_output.sizes(), " but input has size ", input.sizes());
-  TORCH_CHECK(
-      grad_output.scalar_type() == input.scalar_type(),
-      "grad_output dtype ", grad_output.scalar_type(),
-      " does not match input dtype ", input.scalar_type());
+  check_grad_output(grad_output, input);
   const at::MemoryFormat fmt = output_memory_format(input);
   const Tensor x = input.contiguous(fmt);
   const Tensor dy = grad_output.contiguous(fmt);

@@ -21,45 +21,16 @@ bool has(const optional<Tensor>& t) {
   return t.has_value() && t->defined();
 }
 
-// Parses the activation and, for memory_saving, checks what backward from
-// the output needs, so that the forward fails before anything is mutated.
 ActSpec act_spec(
     c10::string_view activation,
     double negative_slope,
     bool memory_saving,
     const optional<Tensor>& weight) {
   const std::string_view name(activation.data(), activation.size());
-  const ActSpec spec{parse_activation(name), negative_slope};
   if (memory_saving) {
-    TORCH_CHECK_VALUE(
-        act_invertible(spec.act, negative_slope),
-        "bnext: memory_saving=True recovers the normalized input from the "
-        "output, so it needs an invertible activation (identity, elu, or "
-        "leaky_relu with negative_slope > 0); got '", std::string(name),
-        "' with negative_slope=", negative_slope);
-    TORCH_CHECK_VALUE(
-        !has(weight) || !weight->eq(0).any().item<bool>(),
-        "bnext: memory_saving=True cannot recover x_hat = (y - bias) / weight "
-        "in a channel whose weight is 0; use memory_saving=False for this "
-        "layer (e.g. zero-initialised residual-branch weights)");
+    check_memory_saving(name, negative_slope, weight, /*scan_weight=*/true);
   }
-  return spec;
-}
-
-void check_residual(const Tensor& input, const optional<Tensor>& residual) {
-  if (!has(residual)) {
-    return;
-  }
-  TORCH_CHECK(
-      residual->sizes() == input.sizes(), "bnext: residual has size ",
-      residual->sizes(), " but input has size ", input.sizes());
-  TORCH_CHECK(
-      residual->scalar_type() == input.scalar_type(), "bnext: residual dtype ",
-      residual->scalar_type(), " does not match input dtype ", input.scalar_type());
-  TORCH_CHECK(
-      residual->device() == input.device(),
-      "Expected all tensors to be on the same device, but found input on ",
-      input.device(), " and residual on ", residual->device());
+  return ActSpec{parse_activation(name), negative_slope};
 }
 
 Tensor dense_or_undefined(const optional<Tensor>& t, at::MemoryFormat fmt) {
@@ -130,12 +101,7 @@ batch_norm_act_backward(
     std::array<bool, 4> output_mask) {
   check_batch_norm_args(saved, weight, bias, std::nullopt, std::nullopt);
   check_residual(saved, residual);
-  TORCH_CHECK(
-      grad_output.sizes() == saved.sizes(), "grad_output has size ",
-      grad_output.sizes(), " but input has size ", saved.sizes());
-  TORCH_CHECK(
-      grad_output.scalar_type() == saved.scalar_type(), "grad_output dtype ",
-      grad_output.scalar_type(), " does not match input dtype ", saved.scalar_type());
+  check_grad_output(grad_output, saved);
   const ActSpec spec = act_spec(activation, negative_slope, saved_is_output, weight);
   const at::MemoryFormat fmt = output_memory_format(saved);
   const Tensor s = saved.contiguous(fmt);

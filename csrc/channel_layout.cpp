@@ -1,6 +1,6 @@
-#include "layout.h"
+#include "channel_layout.h"
 
-namespace bnext::cpu {
+namespace bnext {
 
 ChannelLayout make_layout(const at::Tensor& x) {
   ChannelLayout L;
@@ -16,4 +16,4 @@ ChannelLayout make_layout(const at::Tensor& x) {
   return L;
 }
 
-}  // namespace bnext::cpu
+}  // namespace bnext

@@ -1,8 +1,10 @@
-#include "activation.h"
+#include "activation_kind.h"
 
 #include <c10/util/Exception.h>
 
-namespace bnext::cpu {
+#include <string>
+
+namespace bnext {
 
 Act parse_activation(std::string_view name) {
   if (name == "identity") return Act::Identity;
@@ -22,4 +24,4 @@ bool act_invertible(Act act, double negative_slope) {
       (act == Act::LeakyRelu && negative_slope > 0.0);
 }
 
-}  // namespace bnext::cpu
+}  // namespace bnext
