@@ -16,6 +16,10 @@ speedup over torch, time in "copies" (time / time of the plain copy) and the
 effective bandwidth over the minimum bytes a streaming kernel must move
 (training forward 3S, forward+backward 3S + 5S, eval 2S, S = tensor bytes).
 
+On CUDA each call is timed alone between two CUDA events after an L2 flush
+(median over repeats, implementations interleaved), and every row records
+which backend torch's own batch norm used for it (cuDNN or native).
+
 Writes a JSON file (machine, versions, every row) and a PNG plot.
 
 Allocator: with glibc's defaults every allocation above 32 MiB is a fresh
@@ -163,8 +167,50 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+# Bigger than the L2 of any current GPU (H100 50 MB, H200 60 MB): zeroing it
+# between timed calls evicts the previous call's data, so every call reads
+# its inputs from HBM as it would inside a network.
+L2_FLUSH_BYTES = 256 * 2**20
+
+
+def time_case_cuda(impls, repeats):
+    """Median seconds per call on CUDA: each call between two CUDA events,
+    after an L2 flush, implementations interleaved within every repeat."""
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    for fn in impls.values():  # warm-up (and compilation)
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    events = {name: [] for name in impls}
+    for _ in range(repeats):
+        for name, fn in impls.items():
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events[name].append((start, end))
+    torch.cuda.synchronize()
+    return {name: statistics.median(s.elapsed_time(e) for s, e in pairs) / 1e3
+            for name, pairs in events.items()}
+
+
+def torch_backend(shape, layout, dtype, mode, device):
+    """Which kernels torch's own batch norm runs for this case on `device`:
+    'cudnn' or 'native' (torch's own selection rule, asked directly)."""
+    x = make_input(shape, layout, dtype, device)
+    pdtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    C = shape[1]
+    w = torch.ones(C, device=device, dtype=pdtype)
+    b, rm, rv = torch.zeros_like(w), torch.zeros_like(w), torch.ones_like(w)
+    backend = torch._C._select_batch_norm_backend(x, w, b, rm, rv, mode != "eval", 1e-5)
+    return str(backend).rsplit(".", 1)[-1].lower()
+
+
 def time_case(impls, repeats, min_time, device):
     """Median seconds per call for every implementation, interleaved."""
+    if device == "cuda":
+        return time_case_cuda(impls, max(repeats, 25))
     for fn in impls.values():  # warm-up (and compilation)
         for _ in range(3):
             fn()
@@ -212,6 +258,8 @@ def run(args):
         row["copies"] = {k: v / t["copy"] for k, v in t.items() if k != "copy"}
         row["copy_GBps"] = 2 * nbytes / t["copy"] / 1e9
         row["bnext_effective_GBps"] = PASSES[mode] * nbytes / t["bnext"] / 1e9
+        if device == "cuda":
+            row["torch_backend"] = torch_backend(shape, layout, DTYPES[dt], mode, device)
         rows.append(row)
         del impls, x
     return rows
@@ -305,7 +353,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="bnext vs torch batch-norm benchmark")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch", type=int, default=None, help="default: 32 on CPU, 256 on CUDA")
-    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--dtypes", default=None, help="default: fp32,bf16 on CPU, fp16,bf16,fp32 on CUDA")
     p.add_argument("--layouts", default="contiguous,channels_last")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--shapes", default="", help="comma-separated substrings of case names to keep")
@@ -320,6 +368,8 @@ def main(argv=None):
     p.add_argument("--malloc", choices=["cached", "default"], default="cached",
                    help="cached: glibc set to reuse freed memory (see module doc)")
     args = p.parse_args(argv)
+    if args.dtypes is None:
+        args.dtypes = "fp32,bf16" if args.device == "cpu" else "fp16,bf16,fp32"
     if args.malloc == "cached":
         _reexec_with_cached_malloc(argv)
 

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from conftest import requires_bnext_cuda
+
 bench = pytest.importorskip("benchmarks.bench")
 
 
@@ -23,6 +25,18 @@ def test_harness_smoke(tmp_path):
         assert all(v > 0 for v in r["ms"].values())
         assert r["speedup_vs_torch"] > 0 and r["copies"]["bnext"] > 0
     assert (tmp_path / "smoke.png").stat().st_size > 0
+
+
+@requires_bnext_cuda
+def test_harness_smoke_cuda(tmp_path):
+    out = tmp_path / "smoke_cuda.json"
+    bench.main(["--device", "cuda", "--quick", "--no-compile", "--batch", "2", "--repeats", "1",
+                "--dtypes", "fp16", "--shapes", "7x7", "--malloc", "default", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["machine"]["gpu"] and data["machine"]["cuda"]
+    for r in data["results"]:
+        assert r["torch_backend"] in {"cudnn", "native"}
+        assert all(v > 0 for v in r["ms"].values())
 
 
 def test_shape_set_covers_resnet50_and_extras():

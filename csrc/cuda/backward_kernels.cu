@@ -306,26 +306,32 @@ __global__ void __launch_bounds__(kThreads) backward_apply_kernel(
   const bool need_saved = train || (g_in == nullptr && Terms::kNeedsSaved);
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < nvec;
        j += stride) {
-    int64_t cl[kVec];
+    // Planar packs are one channel: its six coefficients are fetched once.
+    A ca[kVec], cb[kVec], ck[kVec], mh[kVec], al[kVec], be[kVec];
+    auto fetch = [&](int e, int64_t c) {
+      ca[e] = coef[c];
+      cb[e] = coef[C + c];
+      ck[e] = coef[2 * C + c];
+      mh[e] = coef[3 * C + c];
+      al[e] = coef[4 * C + c];
+      be[e] = coef[5 * C + c];
+    };
     if (channels_inner) {
       const int64_t c0 = (j - index_div(j, CV) * CV) * kVec;
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) cl[e] = c0 + e;
+      for (int e = 0; e < kVec; ++e) fetch(e, c0 + e);
     } else {
       const int64_t plane = index_div(j, SV);
-      const int64_t c = plane - index_div(plane, C) * C;
+      fetch(0, plane - index_div(plane, C) * C);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) cl[e] = c;
-    }
-    A ca[kVec], cb[kVec], ck[kVec], mh[kVec], al[kVec], be[kVec];
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      ca[e] = coef[cl[e]];
-      cb[e] = coef[C + cl[e]];
-      ck[e] = coef[2 * C + cl[e]];
-      mh[e] = coef[3 * C + cl[e]];
-      al[e] = coef[4 * C + cl[e]];
-      be[e] = coef[5 * C + cl[e]];
+      for (int e = 1; e < kVec; ++e) {
+        ca[e] = ca[0];
+        cb[e] = cb[0];
+        ck[e] = ck[0];
+        mh[e] = mh[0];
+        al[e] = al[0];
+        be[e] = be[0];
+      }
     }
     A d[kVec], s[kVec], r[kVec], g[kVec], t[kVec];
 #pragma unroll
@@ -335,7 +341,8 @@ __global__ void __launch_bounds__(kThreads) backward_apply_kernel(
     }
     if (need_saved) {
       load_acc<T, kVec>(saved + j * kVec, s);
-      if (has_res) load_acc<T, kVec>(residual + j * kVec, r);
+      // The residual enters t (from the output) or z (rebuilt g) only.
+      if (has_res && (kFromOutput || g_in == nullptr)) load_acc<T, kVec>(residual + j * kVec, r);
     }
     Terms::centred(s, r, has_res, mh, be, slope, t);
     if (g_in == nullptr) {

@@ -3,6 +3,11 @@
 // partials in float64 and derives save_mean, save_invstd, unbiased_var and
 // the normalize coefficients. Two launches, no atomics, so the result is
 // deterministic for a given device and shape.
+//
+// Every value is accumulated minus a shift, the channel's first element: a
+// float mean of ~1e4 * std is only good to half an ulp of 1e4 (5e-4 std),
+// while x - shift is exact (Sterbenz) and O(std), so its float mean is good
+// to ~1e-7 std and shift + mean is formed in float64.
 #include "device_utils.cuh"
 
 namespace bnext::cuda {
@@ -69,6 +74,7 @@ __global__ void __launch_bounds__(kThreads) stats_planar_kernel(
   const int64_t split = blockIdx.y;
   const int64_t begin = split * chunk;
   const int64_t end = begin + chunk < vecs ? begin + chunk : vecs;
+  const A shift = to_acc(x[c * SV * kVec]);
   Welford<A> w;
   for (int64_t k0 = begin + threadIdx.x; k0 < end; k0 += kUnroll * kThreads) {
     A v[kUnroll][kVec];
@@ -88,7 +94,10 @@ __global__ void __launch_bounds__(kThreads) stats_planar_kernel(
         // Chan merge: one division per pack instead of per element.
         A sum = 0;
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) sum += v[u][j];
+        for (int j = 0; j < kVec; ++j) {
+          v[u][j] -= shift;
+          sum += v[u][j];
+        }
         const A m = sum * (A(1) / A(kVec));
         A q = 0;
 #pragma unroll
@@ -130,6 +139,8 @@ __global__ void __launch_bounds__(kThreads) stats_inner_kernel(
 #pragma unroll
   for (int j = 0; j < kVec; ++j) mean[j] = m2[j] = 0;
   if (cv < CV) {
+    A shift[kVec];
+    load_acc<T, kVec>(x + cv * kVec, shift);
     for (int64_t r = r0 + threadIdx.y; r < r1; r += ty) {
       A v[kVec];
       load_acc<T, kVec>(x + (r * CV + cv) * kVec, v);
@@ -137,6 +148,7 @@ __global__ void __launch_bounds__(kThreads) stats_inner_kernel(
       const A inv = A(1) / n;
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
+        v[j] -= shift[j];
         const A d = v[j] - mean[j];
         mean[j] += d * inv;
         m2[j] += d * (v[j] - mean[j]);
@@ -172,9 +184,12 @@ __global__ void __launch_bounds__(kThreads) stats_inner_kernel(
 // One warp per channel: float64 merge of the splits, then everything the
 // op returns. Formulas as csrc/cpu/channel_math.cpp, so that CPU and CUDA
 // agree to the partials' rounding.
-template <typename A>
+template <typename T, typename A = acc_of<T>>
 __global__ void stats_finalize_kernel(
+    const T* __restrict__ x,
     int64_t C,
+    int64_t S,
+    bool channels_inner,
     int64_t splits,
     Partials<A> in,
     const A* __restrict__ weight,
@@ -201,7 +216,8 @@ __global__ void stats_finalize_kernel(
   }
   // An empty batch has no statistics: mean 0 and variance 0, so that no NaN
   // leaks into the (empty) output's gradients.
-  const double mean = w.n > 0 ? w.mean : 0.0;
+  const double shift = w.n > 0 ? static_cast<double>(to_acc(x[channels_inner ? c : c * S])) : 0.0;
+  const double mean = w.n > 0 ? shift + w.mean : 0.0;
   double var_d = w.n > 0 ? w.m2 / w.n : 0.0;
   var_d = var_d < 0.0 ? 0.0 : var_d;  // rounding only; NaN passes
   const A var = static_cast<A>(var_d);
@@ -305,8 +321,8 @@ cudaError_t launch_batch_stats(
       }
       constexpr int kWarps = kThreads / 32;
       const unsigned blocks = static_cast<unsigned>((shape.C + kWarps - 1) / kWarps);
-      stats_finalize_kernel<A><<<blocks, kThreads, 0, stream>>>(
-          shape.C, g.splits, parts, static_cast<const A*>(weight), static_cast<const A*>(bias),
+      stats_finalize_kernel<T><<<blocks, kThreads, 0, stream>>>(
+          static_cast<const T*>(x), shape.C, shape.S, shape.channels_inner, g.splits, parts, static_cast<const A*>(weight), static_cast<const A*>(bias),
           eps, save_mean, static_cast<A*>(save_invstd), static_cast<A*>(unbiased_var),
           static_cast<A*>(coef));
       return cudaGetLastError();
