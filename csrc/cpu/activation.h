@@ -97,30 +97,4 @@ struct ActFn {
   }
 };
 
-// Calls fn(std::integral_constant<Act, A>{}) for the runtime `act`.
-template <typename Fn>
-decltype(auto) dispatch_act(Act act, Fn&& fn) {
-  switch (act) {
-    case Act::Identity: return fn(std::integral_constant<Act, Act::Identity>{});
-    case Act::Relu: return fn(std::integral_constant<Act, Act::Relu>{});
-    case Act::LeakyRelu: return fn(std::integral_constant<Act, Act::LeakyRelu>{});
-    case Act::Elu: return fn(std::integral_constant<Act, Act::Elu>{});
-    case Act::Silu: return fn(std::integral_constant<Act, Act::Silu>{});
-    case Act::Gelu: return fn(std::integral_constant<Act, Act::Gelu>{});
-    case Act::GeluTanh: break;
-  }
-  return fn(std::integral_constant<Act, Act::GeluTanh>{});
-}
-
-// Like dispatch_act, for the invertible activations only (memory_saving).
-template <typename Fn>
-decltype(auto) dispatch_invertible_act(Act act, Fn&& fn) {
-  switch (act) {
-    case Act::Identity: return fn(std::integral_constant<Act, Act::Identity>{});
-    case Act::LeakyRelu: return fn(std::integral_constant<Act, Act::LeakyRelu>{});
-    default: break;
-  }
-  return fn(std::integral_constant<Act, Act::Elu>{});
-}
-
 }  // namespace bnext::cpu

@@ -86,31 +86,4 @@ struct ActFn {
   }
 };
 
-// Calls fn(std::integral_constant<Act, A>{}) for the runtime `act`.
-template <typename Fn>
-cudaError_t dispatch_act(Act act, Fn&& fn) {
-  switch (act) {
-    case Act::Identity: return fn(std::integral_constant<Act, Act::Identity>{});
-    case Act::Relu: return fn(std::integral_constant<Act, Act::Relu>{});
-    case Act::LeakyRelu: return fn(std::integral_constant<Act, Act::LeakyRelu>{});
-    case Act::Elu: return fn(std::integral_constant<Act, Act::Elu>{});
-    case Act::Silu: return fn(std::integral_constant<Act, Act::Silu>{});
-    case Act::Gelu: return fn(std::integral_constant<Act, Act::Gelu>{});
-    case Act::GeluTanh: return fn(std::integral_constant<Act, Act::GeluTanh>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-// Like dispatch_act, for the activations memory_saving accepts.
-template <typename Fn>
-cudaError_t dispatch_invertible_act(Act act, Fn&& fn) {
-  switch (act) {
-    case Act::Identity: return fn(std::integral_constant<Act, Act::Identity>{});
-    case Act::LeakyRelu: return fn(std::integral_constant<Act, Act::LeakyRelu>{});
-    case Act::Elu: return fn(std::integral_constant<Act, Act::Elu>{});
-    default: break;
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace bnext::cuda

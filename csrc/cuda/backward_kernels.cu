@@ -359,39 +359,6 @@ __global__ void __launch_bounds__(kThreads) backward_apply_kernel(
   }
 }
 
-struct Geometry {
-  dim3 grid, block;
-  int64_t splits = 0;
-  int64_t per_split = 0;
-};
-
-Geometry reduce_geometry(const Shape& s, int vec) {
-  Geometry g;
-  if (s.count() == 0) {
-    return g;
-  }
-  if (!s.channels_inner) {
-    const int64_t vecs = s.N * (s.S / vec);
-    g.splits = reduction_splits(s.C, vecs, int64_t(kThreads) * kUnroll * 2);
-    g.per_split = (vecs + g.splits - 1) / g.splits;
-    g.splits = (vecs + g.per_split - 1) / g.per_split;
-    g.grid = dim3(static_cast<unsigned>(s.C), static_cast<unsigned>(g.splits));
-    g.block = dim3(kThreads);
-  } else {
-    const int64_t CV = s.C / vec;
-    int tx = 1;
-    while (tx < 32 && tx < CV) tx *= 2;
-    const int ty = kThreads / tx;
-    const int64_t groups = (CV + tx - 1) / tx;
-    g.splits = reduction_splits(groups, s.count(), int64_t(ty) * 8);
-    g.per_split = (s.count() + g.splits - 1) / g.splits;
-    g.splits = (s.count() + g.per_split - 1) / g.per_split;
-    g.grid = dim3(static_cast<unsigned>(groups), static_cast<unsigned>(g.splits));
-    g.block = dim3(tx, ty);
-  }
-  return g;
-}
-
 // Dispatches the activation; memory_saving (from the output) only has the
 // invertible ones.
 template <typename Fn>
@@ -408,7 +375,7 @@ cudaError_t dispatch_backward_act(Act act, bool from_output, Fn&& fn) {
 
 std::size_t backward_workspace_bytes(const Shape& shape, DType dtype) {
   const std::size_t acc = dtype == DType::Double ? sizeof(double) : sizeof(float);
-  const int64_t splits = shape.count() == 0 ? 0 : static_cast<int64_t>(sm_count()) * 4 + 1;
+  const int64_t splits = max_reduction_splits(shape);
   return 2 * align256(acc * static_cast<std::size_t>(splits * shape.C)) +
       align256(acc * static_cast<std::size_t>(6 * shape.C)) + 256;
 }
@@ -439,7 +406,9 @@ cudaError_t launch_batch_norm_backward(
         const A slope = static_cast<A>(a.negative_slope);
         const bool need_sums = a.grad_weight != nullptr || a.grad_bias != nullptr ||
             a.grad_residual != nullptr || (a.train && a.grad_input != nullptr);
-        const Geometry g = need_sums ? reduce_geometry(shape, kVec) : Geometry{};
+        const ReductionGeometry g = need_sums
+            ? reduction_geometry(shape, kVec, int64_t(kThreads) * kUnroll * 2)
+            : ReductionGeometry{};
         char* base = static_cast<char*>(workspace);
         const std::size_t part_bytes = align256(sizeof(A) * static_cast<std::size_t>(g.splits * shape.C));
         A* part_g = reinterpret_cast<A*>(base);

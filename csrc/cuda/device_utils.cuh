@@ -200,6 +200,52 @@ inline int reduction_splits(int64_t groups, int64_t items, int64_t min_per_block
   return static_cast<int>(splits < 1 ? 1 : splits);
 }
 
+// Launch shape of a per-channel reduction pass over a pack width `vec`:
+//  planar:         grid (C, splits) of kThreads, each block a run of
+//                  `per_split` packs of one channel;
+//  channels-inner: grid (channel tiles, splits) of (tx, ty) blocks, tx
+//                  threads across a tile of tx * vec channels, ty thread
+//                  rows striding over a run of `per_split` rows.
+// No splits for an empty batch (the finalize then sees a count of 0).
+struct ReductionGeometry {
+  dim3 grid, block;
+  int64_t splits = 0;
+  int64_t per_split = 0;
+};
+
+inline ReductionGeometry reduction_geometry(const Shape& s, int vec, int64_t planar_min_per_block) {
+  ReductionGeometry g;
+  if (s.count() == 0) {
+    return g;
+  }
+  auto split = [&g](int64_t groups, int64_t items, int64_t min_per_block) {
+    g.splits = reduction_splits(groups, items, min_per_block);
+    g.per_split = (items + g.splits - 1) / g.splits;
+    g.splits = (items + g.per_split - 1) / g.per_split;  // no empty splits
+  };
+  if (!s.channels_inner) {
+    split(s.C, s.N * (s.S / vec), planar_min_per_block);
+    g.grid = dim3(static_cast<unsigned>(s.C), static_cast<unsigned>(g.splits));
+    g.block = dim3(kThreads);
+  } else {
+    const int64_t CV = s.C / vec;
+    int tx = 1;
+    while (tx < 32 && tx < CV) tx *= 2;
+    const int ty = kThreads / tx;
+    const int64_t groups = (CV + tx - 1) / tx;
+    split(groups, s.count(), int64_t(ty) * 8);
+    g.grid = dim3(static_cast<unsigned>(groups), static_cast<unsigned>(g.splits));
+    g.block = dim3(tx, ty);
+  }
+  return g;
+}
+
+// Upper bound of ReductionGeometry::splits for any pack width (workspace
+// is sized before the pointers' alignment is known).
+inline int64_t max_reduction_splits(const Shape& s) {
+  return s.count() == 0 ? 0 : static_cast<int64_t>(sm_count()) * 4;
+}
+
 // Workspace carving: arrays placed at 256-byte aligned offsets.
 inline std::size_t align256(std::size_t bytes) {
   return (bytes + 255) / 256 * 256;

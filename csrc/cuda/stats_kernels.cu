@@ -234,51 +234,11 @@ __global__ void stats_finalize_kernel(
   coef[2 * C + c] = static_cast<A>(static_cast<double>(b) - lo * static_cast<double>(alpha));
 }
 
-struct StatsGeometry {
-  dim3 grid, block;
-  int64_t splits = 0;
-  int64_t per_split = 0;  // vectors (planar) or rows (channels-inner)
-};
-
-StatsGeometry stats_geometry(const Shape& s, int vec) {
-  StatsGeometry g;
-  if (s.count() == 0) {
-    return g;  // no partials: finalize sees n = 0
-  }
-  if (!s.channels_inner) {
-    const int64_t vecs = s.N * (s.S / vec);
-    g.splits = reduction_splits(s.C, vecs, int64_t(kThreads) * kUnroll * 2);
-    g.per_split = (vecs + g.splits - 1) / g.splits;
-    g.splits = (vecs + g.per_split - 1) / g.per_split;
-    g.grid = dim3(static_cast<unsigned>(s.C), static_cast<unsigned>(g.splits));
-    g.block = dim3(kThreads);
-  } else {
-    const int64_t CV = s.C / vec;
-    int tx = 1;
-    while (tx < 32 && tx < CV) tx *= 2;
-    const int ty = kThreads / tx;
-    const int64_t groups = (CV + tx - 1) / tx;
-    const int64_t rows = s.count();
-    g.splits = reduction_splits(groups, rows, int64_t(ty) * 8);
-    g.per_split = (rows + g.splits - 1) / g.splits;
-    g.splits = (rows + g.per_split - 1) / g.per_split;
-    g.grid = dim3(static_cast<unsigned>(groups), static_cast<unsigned>(g.splits));
-    g.block = dim3(tx, ty);
-  }
-  return g;
-}
-
-// Upper bound of the splits any vec choice gives (workspace is sized before
-// the pointers' alignment is known).
-int64_t max_splits(const Shape& s) {
-  return s.count() == 0 ? 0 : static_cast<int64_t>(sm_count()) * 4 + 1;
-}
-
 }  // namespace
 
 std::size_t batch_stats_workspace_bytes(const Shape& shape, DType dtype) {
   const std::size_t acc = dtype == DType::Double ? sizeof(double) : sizeof(float);
-  return 3 * align256(acc * static_cast<std::size_t>(max_splits(shape) * shape.C)) + 256;
+  return 3 * align256(acc * static_cast<std::size_t>(max_reduction_splits(shape) * shape.C)) + 256;
 }
 
 cudaError_t launch_batch_stats(
@@ -303,7 +263,8 @@ cudaError_t launch_batch_stats(
     const int vec = pick_vec<T>(shape.channels_inner ? shape.C : shape.S, {x});
     return dispatch_vec<T>(vec, [&](auto vec_tag) {
       constexpr int kVec = decltype(vec_tag)::value;
-      const StatsGeometry g = stats_geometry(shape, kVec);
+      const ReductionGeometry g =
+          reduction_geometry(shape, kVec, int64_t(kThreads) * kUnroll * 2);
       const Partials<A> parts = carve_partials<A>(workspace, g.splits, shape.C);
       if (g.splits > 0) {
         const T* xp = static_cast<const T*>(x);
