@@ -14,7 +14,9 @@ namespace bnext::cuda {
 
 namespace {
 
-constexpr int kUnroll = 2;
+// A planar reduce block gets at least 4 packs per thread: with fewer, its
+// fixed cost (coefficients, block sum, a partial write) dominates.
+constexpr int64_t kMinPacksPerBlock = int64_t(kThreads) * 4;
 
 // Per-channel inputs of the backward: statistics, parameters.
 template <typename A>
@@ -407,7 +409,7 @@ cudaError_t launch_batch_norm_backward(
         const bool need_sums = a.grad_weight != nullptr || a.grad_bias != nullptr ||
             a.grad_residual != nullptr || (a.train && a.grad_input != nullptr);
         const ReductionGeometry g = need_sums
-            ? reduction_geometry(shape, kVec, int64_t(kThreads) * kUnroll * 2)
+            ? reduction_geometry(shape, kVec, kMinPacksPerBlock)
             : ReductionGeometry{};
         char* base = static_cast<char*>(workspace);
         const std::size_t part_bytes = align256(sizeof(A) * static_cast<std::size_t>(g.splits * shape.C));
