@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "cache_policy.h"
 #include "kernels.h"
 #include "layout.h"
 #include "step_drivers.h"
@@ -61,90 +62,37 @@ void backward_elementwise_impl(
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
   constexpr int P = IO::kParts;
-  constexpr int64_t K = IO::kStep;
-  constexpr int64_t W = V::size();
+  using Coefs = ChannelCoefs<acc_t, use_x ? 4 : 1, P>;
 
-  const ChannelLayout L = make_layout(dy);
-  const int64_t C = L.C;
   const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
   const scalar_t* xp = use_x ? x.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-  const acc_t* mean = use_x ? mean_t.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* a = a_t.const_data_ptr<acc_t>();
-  const acc_t* b = use_x ? b_t.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* k = use_x ? k_t.const_data_ptr<acc_t>() : nullptr;
-
-  auto scalar = [&](const scalar_t* g, const scalar_t* xi, int64_t i, int64_t c) {
-    acc_t v = static_cast<acc_t>(g[i]) * a[c];
-    if constexpr (use_x) {
-      v += (static_cast<acc_t>(xi[i]) - mean[c]) * b[c] + k[c];
-    }
-    return static_cast<scalar_t>(v);
-  };
-
-  parallel_elementwise(
-      L,
-      [&](int64_t c, int64_t offset, int64_t len) {
-        const scalar_t* g = dyp + offset;
-        const scalar_t* xi = use_x ? xp + offset : nullptr;
-        scalar_t* out = dxp + offset;
-        const V va(a[c]);
-        const V vm(use_x ? mean[c] : acc_t(0));
-        const V vb(use_x ? b[c] : acc_t(0));
-        const V vk(use_x ? k[c] : acc_t(0));
-        int64_t i = 0;
-        for (; i + K <= len; i += K) {
-          V gv[P];
-          IO::load(g + i, gv);
-          if constexpr (use_x) {
-            V xv[P];
-            IO::load(xi + i, xv);
-            #pragma GCC unroll 16
-            for (int j = 0; j < P; ++j) {
-              gv[j] = at::vec::fmadd(gv[j], va, at::vec::fmadd(xv[j] - vm, vb, vk));
-            }
-          } else {
-            #pragma GCC unroll 16
-            for (int j = 0; j < P; ++j) gv[j] = gv[j] * va;
+  Coefs coefs{};
+  coefs.p[0] = a_t.const_data_ptr<acc_t>();
+  if constexpr (use_x) {
+    coefs.p[1] = mean_t.const_data_ptr<acc_t>();
+    coefs.p[2] = b_t.const_data_ptr<acc_t>();
+    coefs.p[3] = k_t.const_data_ptr<acc_t>();
+  }
+  const int64_t bytes = (use_x ? 3 : 2) * dy.numel() * static_cast<int64_t>(sizeof(scalar_t));
+  elementwise_steps<IO::kStep>(
+      make_layout(dy), coefs, StepOutput::of<IO::kStep>(dxp, stream_stores(bytes)),
+      [=](int64_t i, int64_t n, const typename Coefs::Set& s, bool stream) BNEXT_STEP {
+        V g[P];
+        IO::load_n(dyp + i, g, n);
+        if constexpr (use_x) {
+          V xv[P];
+          IO::load_n(xp + i, xv, n);
+#pragma GCC unroll 4
+          for (int j = 0; j < P; ++j) {
+            g[j] = at::vec::fmadd(
+                g[j], s.v[0][j], at::vec::fmadd(xv[j] - s.v[1][j], s.v[2][j], s.v[3][j]));
           }
-          IO::store(out + i, gv);
+        } else {
+#pragma GCC unroll 4
+          for (int j = 0; j < P; ++j) g[j] = g[j] * s.v[0][j];
         }
-        for (; i < len; ++i) out[i] = scalar(g, xi, i, c);
-      },
-      [&](int64_t offset, int64_t nrows) {
-        // Locals, not closure members: stores through `out` would otherwise
-        // force a reload of every captured pointer per vector.
-        const acc_t* const a_l = a;
-        const acc_t* const b_l = b;
-        const acc_t* const k_l = k;
-        const acc_t* const mean_l = mean;
-        const int64_t C_l = C;
-        for (int64_t r = 0; r < nrows; ++r) {
-          const scalar_t* g = dyp + offset + r * C_l;
-          const scalar_t* xi = use_x ? xp + offset + r * C_l : nullptr;
-          scalar_t* out = dxp + offset + r * C_l;
-          int64_t c = 0;
-          for (; c + K <= C_l; c += K) {
-            V gv[P];
-            IO::load(g + c, gv);
-            if constexpr (use_x) {
-              V xv[P];
-              IO::load(xi + c, xv);
-              #pragma GCC unroll 16
-              for (int j = 0; j < P; ++j) {
-                const int64_t cj = c + j * W;
-                gv[j] = at::vec::fmadd(
-                    gv[j], V::loadu(a_l + cj),
-                    at::vec::fmadd(xv[j] - V::loadu(mean_l + cj), V::loadu(b_l + cj), V::loadu(k_l + cj)));
-              }
-            } else {
-              #pragma GCC unroll 16
-              for (int j = 0; j < P; ++j) gv[j] = gv[j] * V::loadu(a_l + c + j * W);
-            }
-            IO::store(out + c, gv);
-          }
-          for (; c < C_l; ++c) out[c] = scalar(g, xi, c, c);
-        }
+        IO::store_n(dxp + i, g, n, stream);
       });
 }
 
@@ -162,73 +110,33 @@ void backward_elementwise_f32_exact(
     const at::Tensor& b_t,
     const at::Tensor& k_t,
     at::Tensor& dx) {
+  using IO = VecIO<float>;
   using V = Vectorized<float>;
   using D = Vectorized<double>;
   using Widen = ToDouble<float>;
-  constexpr int64_t W = V::size();
-  constexpr int64_t WD = D::size();
-  const ChannelLayout L = make_layout(dy);
-  const int64_t C = L.C;
+  using Coefs = ChannelCoefs<double, 4, Widen::kParts>;  // a, mean, b, k
   const float* dyp = dy.const_data_ptr<float>();
   const float* xp = x.const_data_ptr<float>();
   float* dxp = dx.mutable_data_ptr<float>();
-  const double* mean = mean_t.const_data_ptr<double>();
-  const double* a = a_t.const_data_ptr<double>();
-  const double* b = b_t.const_data_ptr<double>();
-  const double* k = k_t.const_data_ptr<double>();
-
-  // One float vector from dy and x with per-lane double coefficients.
-  auto step = [](const V& g, const V& xv, const D* m, const D* av, const D* bv, const D* kv) {
-    D gd[2], xd[2];
-    Widen::apply(g, gd);
-    Widen::apply(xv, xd);
-    const D r0 = at::vec::fmadd(gd[0], av[0], at::vec::fmadd(xd[0] - m[0], bv[0], kv[0]));
-    const D r1 = at::vec::fmadd(gd[1], av[1], at::vec::fmadd(xd[1] - m[1], bv[1], kv[1]));
-    return to_float(r0, r1);
-  };
-
-  parallel_elementwise(
-      L,
-      [&](int64_t c, int64_t offset, int64_t len) {
-        const D m[2] = {D(mean[c]), D(mean[c])};
-        const D av[2] = {D(a[c]), D(a[c])};
-        const D bv[2] = {D(b[c]), D(b[c])};
-        const D kv[2] = {D(k[c]), D(k[c])};
-        const float* g = dyp + offset;
-        const float* xi = xp + offset;
-        float* out = dxp + offset;
-        int64_t i = 0;
-        for (; i + W <= len; i += W) {
-          step(V::loadu(g + i), V::loadu(xi + i), m, av, bv, kv).store(out + i);
+  const Coefs coefs{{a_t.const_data_ptr<double>(), mean_t.const_data_ptr<double>(),
+                     b_t.const_data_ptr<double>(), k_t.const_data_ptr<double>()}};
+  const int64_t bytes = 3 * dy.numel() * static_cast<int64_t>(sizeof(float));
+  elementwise_steps<IO::kStep>(
+      make_layout(dy), coefs, StepOutput::of<IO::kStep>(dxp, stream_stores(bytes)),
+      [=](int64_t i, int64_t n, const typename Coefs::Set& s, bool stream) BNEXT_STEP {
+        V g, xv;
+        IO::load_n(dyp + i, &g, n);
+        IO::load_n(xp + i, &xv, n);
+        D gd[2], xd[2], r[2];
+        Widen::apply(g, gd);
+        Widen::apply(xv, xd);
+#pragma GCC unroll 2
+        for (int q = 0; q < 2; ++q) {
+          r[q] = at::vec::fmadd(
+              gd[q], s.v[0][q], at::vec::fmadd(xd[q] - s.v[1][q], s.v[2][q], s.v[3][q]));
         }
-        for (; i < len; ++i) {
-          out[i] = static_cast<float>(
-              g[i] * a[c] + (static_cast<double>(xi[i]) - mean[c]) * b[c] + k[c]);
-        }
-      },
-      [&](int64_t offset, int64_t nrows) {
-        const double* const mean_l = mean;
-        const double* const a_l = a;
-        const double* const b_l = b;
-        const double* const k_l = k;
-        const int64_t C_l = C;
-        for (int64_t r = 0; r < nrows; ++r) {
-          const float* g = dyp + offset + r * C_l;
-          const float* xi = xp + offset + r * C_l;
-          float* out = dxp + offset + r * C_l;
-          int64_t c = 0;
-          for (; c + W <= C_l; c += W) {
-            const D m[2] = {D::loadu(mean_l + c), D::loadu(mean_l + c + WD)};
-            const D av[2] = {D::loadu(a_l + c), D::loadu(a_l + c + WD)};
-            const D bv[2] = {D::loadu(b_l + c), D::loadu(b_l + c + WD)};
-            const D kv[2] = {D::loadu(k_l + c), D::loadu(k_l + c + WD)};
-            step(V::loadu(g + c), V::loadu(xi + c), m, av, bv, kv).store(out + c);
-          }
-          for (; c < C_l; ++c) {
-            out[c] = static_cast<float>(
-                g[c] * a_l[c] + (static_cast<double>(xi[c]) - mean_l[c]) * b_l[c] + k_l[c]);
-          }
-        }
+        g = to_float(r[0], r[1]);
+        IO::store_n(dxp + i, &g, n, stream);
       });
 }
 

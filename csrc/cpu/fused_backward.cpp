@@ -4,6 +4,7 @@
 // norm: the sums, then grad_input.
 #include <ATen/Dispatch.h>
 
+#include "cache_policy.h"
 #include "fused_kernels.h"
 #include "step_drivers.h"
 
@@ -134,8 +135,10 @@ void elementwise_impl(
                     DCoefs{{A_t.const_data_ptr<double>(), B_t.const_data_ptr<double>(),
                             K_t.const_data_ptr<double>()}}};
 
+  const int64_t bytes = (kRes ? 4 : 3) * dy.numel() * static_cast<int64_t>(sizeof(scalar_t));
   elementwise_steps<IO::kStep>(
-      make_layout(src.saved), coefs, [=](int64_t i, int64_t n, const typename Coefs::Set& s) BNEXT_STEP {
+      make_layout(src.saved), coefs, StepOutput::of<IO::kStep>(dxp, stream_stores(bytes)),
+      [=](int64_t i, int64_t n, const typename Coefs::Set& s, bool stream) BNEXT_STEP {
         V g[P], t[P];
         // g in grad_residual is exact for float/double; half types recompute
         // it, since the sums saw it unrounded.
@@ -163,7 +166,7 @@ void elementwise_impl(
             g[j] = to_float(r[0], r[1]);
           }
         }
-        IO::store_n(dxp + i, g, n);
+        IO::store_n(dxp + i, g, n, stream);
       });
 }
 

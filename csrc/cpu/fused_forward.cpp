@@ -2,6 +2,7 @@
 // one pass, so the pre-activation never reaches memory.
 #include <ATen/Dispatch.h>
 
+#include "cache_policy.h"
 #include "fused_kernels.h"
 #include "step_drivers.h"
 
@@ -32,8 +33,10 @@ void normalize_act_impl(
                      beta.const_data_ptr<acc_t>()}};
   const V slope(static_cast<acc_t>(negative_slope));
 
+  const int64_t bytes = (kRes ? 3 : 2) * x.numel() * static_cast<int64_t>(sizeof(scalar_t));
   elementwise_steps<IO::kStep>(
-      make_layout(x), coefs, [=](int64_t i, int64_t n, const typename Coefs::Set& s) BNEXT_STEP {
+      make_layout(x), coefs, StepOutput::of<IO::kStep>(yp, stream_stores(bytes)),
+      [=](int64_t i, int64_t n, const typename Coefs::Set& s, bool stream) BNEXT_STEP {
         V v[P], r[P];
         IO::load_n(xp + i, v, n);
         if constexpr (kRes) IO::load_n(rp + i, r, n);
@@ -43,7 +46,7 @@ void normalize_act_impl(
           if constexpr (kRes) z = z + r[j];
           v[j] = Fn::fwd(z, slope);
         }
-        IO::store_n(yp + i, v, n);
+        IO::store_n(yp + i, v, n, stream);
       });
 }
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../channel_layout.h"
+#include "vec_io.h"
 
 namespace bnext::cpu {
 
@@ -81,8 +82,11 @@ void parallel_reduce_chunks(const ChannelLayout& L, RunFn&& run, RowsFn&& rows) 
 // Elementwise driver with the same two shapes of work:
 //   planar:          run(c, offset, len)
 //   channels-inner:  rows(offset, nrows)
+// With `fence`, every task ends with a store fence (its streaming stores
+// are then visible to whoever reads after the parallel region).
 template <typename RunFn, typename RowsFn>
-void parallel_elementwise(const ChannelLayout& L, RunFn&& run, RowsFn&& rows) {
+void parallel_elementwise(
+    const ChannelLayout& L, RunFn&& run, RowsFn&& rows, bool fence = false) {
   if (L.N == 0 || L.S == 0 || L.C == 0) {
     return;
   }
@@ -99,11 +103,17 @@ void parallel_elementwise(const ChannelLayout& L, RunFn&& run, RowsFn&& rows) {
           c = 0;
         }
       }
+      if (fence) {
+        stream_fence();
+      }
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, kGrainElems / L.C);
     at::parallel_for(0, L.rows(), grain, [&](int64_t begin, int64_t end) {
       rows(begin * L.C, end - begin);
+      if (fence) {
+        stream_fence();
+      }
     });
   }
 }

@@ -80,9 +80,31 @@ struct CoefPair {
 // the cancelling gradient sums keep float32 accuracy.
 constexpr int kReduceRowGroup = 4;
 
-// step(i, n, set) for every step; i is the element offset of the step.
+// Where elementwise_steps writes: the output's element type and base
+// pointer fix which element offsets start a vector-aligned step, and
+// `stream` asks for streaming stores (cache_policy.h).
+struct StepOutput {
+  int64_t phase = 0;  // (address / element size) % K of element 0
+  bool stream = false;
+
+  template <int64_t K, typename T>
+  static StepOutput of(const T* base, bool stream) {
+    return {static_cast<int64_t>((reinterpret_cast<uintptr_t>(base) / sizeof(T)) % K), stream};
+  }
+};
+
+// step(i, n, set, stream) for steps covering every element; i is the
+// element offset of the step, and `stream` says whether its (full) store
+// may stream. A planar run of len >= K elements has only full steps: its
+// last step is moved back to end at len, overlapping the one before, and a
+// streaming run starts with one unaligned step, then continues from the
+// first aligned offset. Overlapped elements are computed twice from the
+// same inputs, so a step must never write memory it reads (every caller
+// writes a fresh output). A partial step (three loads and stores through a
+// buffer) cost as much as the rest of a 7x7 bf16 plane.
 template <int64_t K, typename Coefs, typename Step>
-void elementwise_steps(const ChannelLayout& L, const Coefs& coefs, Step&& step) {
+void elementwise_steps(
+    const ChannelLayout& L, const Coefs& coefs, StepOutput out, Step&& step) {
   using Set = typename Coefs::Set;
   // Every task works on local copies of the step and the coefficient
   // pointers: vector stores are may_alias, so pointers read through a
@@ -94,13 +116,25 @@ void elementwise_steps(const ChannelLayout& L, const Coefs& coefs, Step&& step) 
         auto step_l = step;
         Set s;
         coefs_l.broadcast(c, s);
+        if (len < K) {
+          step_l(offset, len, s, false);
+          return;
+        }
         int64_t i = 0;
-        for (; i + K <= len; i += K) step_l(offset + i, K, s);
-        if (i < len) step_l(offset + i, len - i, s);
+        if (out.stream) {
+          const int64_t skip = (K - (out.phase + offset) % K) % K;
+          if (skip != 0) {
+            step_l(offset, K, s, false);
+            i = skip;
+          }
+        }
+        for (; i + K <= len; i += K) step_l(offset + i, K, s, out.stream);
+        if (i < len) step_l(offset + len - K, K, s, false);
       },
       [&](int64_t offset, int64_t nrows) {
         const Coefs coefs_l = coefs;
         auto step_l = step;
+        const bool stream = out.stream;
         const int64_t C = L.C;
         const int64_t full = C - C % K;
         for (int64_t r = 0; r < nrows; ++r) {
@@ -109,15 +143,16 @@ void elementwise_steps(const ChannelLayout& L, const Coefs& coefs, Step&& step) 
           for (int64_t c = 0; c < full; c += K) {
             Set s;
             coefs_l.load(c, K, s);
-            step_l(base + c, K, s);
+            step_l(base + c, K, s, stream);
           }
           if (full < C) {
             Set s;
             coefs_l.load(full, C - full, s);
-            step_l(base + full, C - full, s);
+            step_l(base + full, C - full, s, false);
           }
         }
-      });
+      },
+      out.stream);
 }
 
 // Float lanes of sum(g) and sum(g * t), widened into double lanes after a

