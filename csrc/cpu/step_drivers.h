@@ -71,13 +71,14 @@ struct CoefPair {
   }
 };
 
-// Channels-inner rows are walked in memory order (blocks of rows walked
-// channel-step first, one long stride per row, measured ~2x slower; groups
-// of 4 rows walked step by step, sharing coefficient loads, were slower for
-// elementwise passes in one noisy op-by-op run, up to 1.7x). Reductions take kReduceRowGroup rows per
-// channel step: a group's terms are summed in float registers, then widened
-// into the thread's double partials: four terms per lane, few enough that
-// the cancelling gradient sums keep float32 accuracy.
+// Channels-inner rows are walked in memory order, one row after another:
+// walking a block channel step first (one long stride per row) measured ~2x
+// slower, and so did groups of rows walked step by step (4 rows at a
+// stride of C: 3x slower than torch's row-order walk for the backward
+// sums at 128 channels). Reductions sum kReduceRowGroup rows into float
+// accumulators (L1-resident, C per sum), then widen them into the
+// thread's double partials: four terms per lane, few enough that the
+// cancelling gradient sums keep float32 accuracy.
 constexpr int kReduceRowGroup = 4;
 
 // Where elementwise_steps writes: the output's element type and base
@@ -269,6 +270,10 @@ void reduce_steps(
     part[Cpad + c] += b0 + b1;
   };
 
+  // Float accumulators of the channels-inner path, zero between flushes.
+  std::vector<acc_t> float_partial(
+      L.channels_inner ? static_cast<size_t>(nthreads) * 2 * Cpad : 0, acc_t(0));
+
   auto rows = [&](int tid, int64_t offset, int64_t nrows) {
     using D = Vectorized<double>;
     using Widen = ToDouble<acc_t>;
@@ -278,49 +283,46 @@ void reduce_steps(
     auto step_l = step;
     double* const ps = partial.data() + static_cast<size_t>(tid) * 2 * Cpad;
     double* const pst = ps + Cpad;
+    acc_t* const fs = float_partial.data() + static_cast<size_t>(tid) * 2 * Cpad;
+    acc_t* const fst = fs + Cpad;
     const int64_t full = C - C % K;
-    // One channel step over a group of R rows: float sums in registers,
-    // then widened and added into the thread's double partials.
-    auto step_rows = [&](int64_t base, int64_t c, int64_t n, auto rows) BNEXT_STEP {
-      constexpr int R = decltype(rows)::value;
+    // One step of one row into the float accumulators (lanes past n add 0).
+    auto add_step = [&](int64_t i, int64_t c, int64_t n) BNEXT_STEP {
       Set s;
       coefs_l.load(c, n, s);
-      V sg[P], sgt[P], g[P], t[P];
-      step_l(base + c, n, s, sg, t);
-#pragma GCC unroll 4
-      for (int j = 0; j < P; ++j) sgt[j] = sg[j] * t[j];
-#pragma GCC unroll 8
-      for (int r = 1; r < R; ++r) {
-        step_l(base + r * C + c, n, s, g, t);
-#pragma GCC unroll 4
-        for (int j = 0; j < P; ++j) {
-          sg[j] = sg[j] + g[j];
-          sgt[j] = at::vec::fmadd(g[j], t[j], sgt[j]);
-        }
-      }
+      V g[P], t[P];
+      step_l(i, n, s, g, t);
 #pragma GCC unroll 4
       for (int j = 0; j < P; ++j) {
+        acc_t* a = fs + c + j * W;
+        acc_t* b = fst + c + j * W;
+        (V::loadu(a) + g[j]).store(a);
+        at::vec::fmadd(g[j], t[j], V::loadu(b)).store(b);
+      }
+    };
+    int64_t r = 0;
+    while (r < nrows) {
+      const int64_t stop = std::min(nrows, r + kReduceRowGroup);
+      for (; r < stop; ++r) {
+        const int64_t base = offset + r * C;
+        for (int64_t c = 0; c < full; c += K) add_step(base + c, c, K);  // literal K
+        if (full < C) add_step(base + full, full, C - full);
+      }
+      for (int64_t c = 0; c < Cpad; c += W) {
         D a[Widen::kParts], b[Widen::kParts];
-        Widen::apply(sg[j], a);
-        Widen::apply(sgt[j], b);
+        Widen::apply(V::loadu(fs + c), a);
+        Widen::apply(V::loadu(fst + c), b);
 #pragma GCC unroll 4
         for (int q = 0; q < Widen::kParts; ++q) {
-          double* pa = ps + c + j * W + q * WD;
-          double* pb = pst + c + j * W + q * WD;
+          double* pa = ps + c + q * WD;
+          double* pb = pst + c + q * WD;
           (D::loadu(pa) + a[q]).store(pa);
           (D::loadu(pb) + b[q]).store(pb);
         }
+        V(acc_t(0)).store(fs + c);
+        V(acc_t(0)).store(fst + c);
       }
-    };
-    auto group = [&](int64_t base, auto rows) BNEXT_STEP {
-      for (int64_t c = 0; c < full; c += K) step_rows(base, c, K, rows);  // literal K
-      if (full < C) step_rows(base, full, C - full, rows);
-    };
-    int64_t r = 0;
-    for (; r + kReduceRowGroup <= nrows; r += kReduceRowGroup) {
-      group(offset + r * C, std::integral_constant<int, kReduceRowGroup>{});
     }
-    for (; r < nrows; ++r) group(offset + r * C, std::integral_constant<int, 1>{});
   };
 
   parallel_reduce_chunks(L, run, rows);
