@@ -2,9 +2,11 @@
 file named by argv[1]. test_streaming_stores.py runs it with streaming
 stores forced on and off (BNEXT_STREAMING_STORES) and compares the files.
 
-The shapes cover planes shorter than a vector, planes that are not a whole
-number of vectors (so steps overlap and start unaligned), channel counts
-that are not a multiple of the vector width, and both memory layouts.
+The shapes cover planes and rows of whole 64-byte lines (written with
+streaming stores when forced), and planes shorter than a vector, planes
+that are not a whole number of vectors, channel counts that are not a
+multiple of the vector width (which must fall back to normal stores), in
+both memory layouts.
 """
 
 import sys
@@ -23,6 +25,10 @@ CASES = [
     ((2, 4, 13, 11), False),
     ((5, 19, 2, 3), True),
     ((33, 70), False),
+    # Whole 64-byte lines per plane / row: the runs that do stream.
+    ((3, 5, 8, 8), False),
+    ((2, 32, 4, 4), True),
+    ((4, 64, 1, 3), True),
 ]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 

@@ -52,9 +52,9 @@ bool stream_stores(int64_t pass_bytes) {
   if (forced >= 0) {
     return forced != 0;
   }
-  // Measured on the CI VM (32 MB L3), channels_last eval: streaming is 7%
-  // slower when input + output are 26 MB, even at 51 MB (25.7 MB each way),
-  // 1.25x faster at 51 MB with 1024 channels and at 103 MB.
+  // Measured on the CI VM (32 MB L3), eval: streaming is 7% slower when
+  // input + output are 26 MB, even to 1.25x faster at 51 MB (1024 channels
+  // of 14x14, channels_last), 1.3-1.4x faster at 103 MB.
   static const int64_t threshold = llc_bytes() * 3 / 2;
   return pass_bytes > threshold;
 }

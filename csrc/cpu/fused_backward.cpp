@@ -135,9 +135,10 @@ void elementwise_impl(
                     DCoefs{{A_t.const_data_ptr<double>(), B_t.const_data_ptr<double>(),
                             K_t.const_data_ptr<double>()}}};
 
+  const ChannelLayout L = make_layout(src.saved);
   const int64_t bytes = (kRes ? 4 : 3) * dy.numel() * static_cast<int64_t>(sizeof(scalar_t));
   elementwise_steps<IO::kStep>(
-      make_layout(src.saved), coefs, StepOutput::of<IO::kStep>(dxp, stream_stores(bytes)),
+      L, coefs, StepOutput::of(L, dxp, stream_stores(bytes)),
       [=](int64_t i, int64_t n, const typename Coefs::Set& s, bool stream) BNEXT_STEP {
         V g[P], t[P];
         // g in grad_residual is exact for float/double; half types recompute

@@ -33,9 +33,10 @@ void normalize_act_impl(
                      beta.const_data_ptr<acc_t>()}};
   const V slope(static_cast<acc_t>(negative_slope));
 
+  const ChannelLayout L = make_layout(x);
   const int64_t bytes = (kRes ? 3 : 2) * x.numel() * static_cast<int64_t>(sizeof(scalar_t));
   elementwise_steps<IO::kStep>(
-      make_layout(x), coefs, StepOutput::of<IO::kStep>(yp, stream_stores(bytes)),
+      L, coefs, StepOutput::of(L, yp, stream_stores(bytes)),
       [=](int64_t i, int64_t n, const typename Coefs::Set& s, bool stream) BNEXT_STEP {
         V v[P], r[P];
         IO::load_n(xp + i, v, n);
