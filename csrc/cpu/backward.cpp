@@ -13,7 +13,6 @@
 #include <vector>
 
 #include "../checks.h"
-#include "cache_policy.h"
 #include "kernels.h"
 #include "layout.h"
 #include "step_drivers.h"
@@ -75,9 +74,8 @@ void backward_elementwise_impl(
     coefs.p[3] = k_t.const_data_ptr<acc_t>();
   }
   const ChannelLayout L = make_layout(dy);
-  const int64_t bytes = (use_x ? 3 : 2) * dy.numel() * static_cast<int64_t>(sizeof(scalar_t));
   elementwise_steps<IO::kStep>(
-      L, coefs, StepOutput::of(L, dxp, stream_stores(bytes)),
+      L, coefs, StepOutput::of(L, dxp, use_x ? 3 : 2),
       [=](int64_t i, int64_t n, const typename Coefs::Set& s, bool stream) BNEXT_STEP {
         V g[P];
         IO::load_n(dyp + i, g, n);
@@ -122,9 +120,8 @@ void backward_elementwise_f32_exact(
   const Coefs coefs{{a_t.const_data_ptr<double>(), mean_t.const_data_ptr<double>(),
                      b_t.const_data_ptr<double>(), k_t.const_data_ptr<double>()}};
   const ChannelLayout L = make_layout(dy);
-  const int64_t bytes = 3 * dy.numel() * static_cast<int64_t>(sizeof(float));
   elementwise_steps<IO::kStep>(
-      L, coefs, StepOutput::of(L, dxp, stream_stores(bytes)),
+      L, coefs, StepOutput::of(L, dxp, 3),
       [=](int64_t i, int64_t n, const typename Coefs::Set& s, bool stream) BNEXT_STEP {
         V g, xv;
         IO::load_n(dyp + i, &g, n);

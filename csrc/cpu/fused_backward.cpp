@@ -4,7 +4,6 @@
 // norm: the sums, then grad_input.
 #include <ATen/Dispatch.h>
 
-#include "cache_policy.h"
 #include "fused_kernels.h"
 #include "step_drivers.h"
 
@@ -136,9 +135,8 @@ void elementwise_impl(
                             K_t.const_data_ptr<double>()}}};
 
   const ChannelLayout L = make_layout(src.saved);
-  const int64_t bytes = (kRes ? 4 : 3) * dy.numel() * static_cast<int64_t>(sizeof(scalar_t));
   elementwise_steps<IO::kStep>(
-      L, coefs, StepOutput::of(L, dxp, stream_stores(bytes)),
+      L, coefs, StepOutput::of(L, dxp, kRes ? 4 : 3),
       [=](int64_t i, int64_t n, const typename Coefs::Set& s, bool stream) BNEXT_STEP {
         V g[P], t[P];
         // g in grad_residual is exact for float/double; half types recompute

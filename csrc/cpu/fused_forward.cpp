@@ -2,7 +2,6 @@
 // one pass, so the pre-activation never reaches memory.
 #include <ATen/Dispatch.h>
 
-#include "cache_policy.h"
 #include "fused_kernels.h"
 #include "step_drivers.h"
 
@@ -34,9 +33,8 @@ void normalize_act_impl(
   const V slope(static_cast<acc_t>(negative_slope));
 
   const ChannelLayout L = make_layout(x);
-  const int64_t bytes = (kRes ? 3 : 2) * x.numel() * static_cast<int64_t>(sizeof(scalar_t));
   elementwise_steps<IO::kStep>(
-      L, coefs, StepOutput::of(L, yp, stream_stores(bytes)),
+      L, coefs, StepOutput::of(L, yp, kRes ? 3 : 2),
       [=](int64_t i, int64_t n, const typename Coefs::Set& s, bool stream) BNEXT_STEP {
         V v[P], r[P];
         IO::load_n(xp + i, v, n);

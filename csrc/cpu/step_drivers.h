@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cache_policy.h"
 #include "layout.h"
 #include "vec_io.h"
 
@@ -90,12 +91,15 @@ constexpr int kReduceRowGroup = 4;
 struct StepOutput {
   bool stream = false;
 
+  // For a pass that reads and writes `tensors` tensors of the output's size
+  // (the output included) and writes the output at `base`.
   template <typename T>
-  static StepOutput of(const ChannelLayout& L, const T* base, bool want_stream) {
+  static StepOutput of(const ChannelLayout& L, const T* base, int tensors) {
     constexpr int64_t kLine = 64;
-    const int64_t run_bytes = (L.channels_inner ? L.C : L.S) * static_cast<int64_t>(sizeof(T));
-    return {want_stream && reinterpret_cast<uintptr_t>(base) % kLine == 0 &&
-            run_bytes % kLine == 0};
+    const int64_t elem = static_cast<int64_t>(sizeof(T));
+    const int64_t run_bytes = (L.channels_inner ? L.C : L.S) * elem;
+    return {reinterpret_cast<uintptr_t>(base) % kLine == 0 && run_bytes % kLine == 0 &&
+            stream_stores(tensors * L.N * L.C * L.S * elem)};
   }
 };
 
