@@ -42,11 +42,11 @@ def config_id(cfg):
     return f"affine{int(affine)}-track{int(track)}-mom{momentum}-bias{int(bias)}"
 
 
-def _pair(bnext_cls, torch_cls, cfg, in_dtype, param_dtype, device):
+def _pair(bnext_cls, torch_cls, cfg, in_dtype, param_dtype, device, channels=6):
     """bnext module in (in_dtype, param_dtype) and the torch reference module
     with the same values, in reference_dtype(in_dtype) when that is wider."""
     affine, track, momentum, bias = cfg
-    ours = bnext_cls(6, momentum=momentum, affine=affine, track_running_stats=track,
+    ours = bnext_cls(channels, momentum=momentum, affine=affine, track_running_stats=track,
                      bias=bias, device=device, dtype=param_dtype)
     if affine:
         with torch.no_grad():
@@ -116,6 +116,23 @@ def test_module_matches_torch(case, dtypes, cfg, device):
     dy = torch.randn(shape, device=device).to(in_dtype)
     _step(ours, ref, x, dy)
     _buffers_match(ours, ref)
+
+
+# channels_last reductions walk rows one at a time below 256 channels and
+# four spaced rows at a time from 256 (64-row blocks from 512); 35 rows per
+# sample leave remainder rows and a partial last step in every block.
+@pytest.mark.parametrize("channels", [100, 300, 530])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=dtype_id)
+def test_many_channels_channels_last(channels, dtypes, device):
+    in_dtype, param_dtype = dtypes
+    ours, ref = _pair(bnext.BatchNorm2d, torch.nn.BatchNorm2d, CONFIGS[0], in_dtype,
+                      param_dtype, device, channels=channels)
+    shape = (3, channels, 5, 7)
+    for _ in range(2):
+        x = make_input(shape, "channels_last", in_dtype, device) * 2 + 0.5
+        dy = make_input(shape, "channels_last", in_dtype, device)
+        _step(ours, ref, x, dy)
+        _buffers_match(ours, ref)
 
 
 # Eval without running stats is an error case, covered in test_bad_input.

@@ -52,11 +52,12 @@ constexpr int64_t kGrainElems = 32768;
 //                    channel c: one plane, or a kChunkElems piece of one,
 //                    visited in memory order.
 //   channels-inner:  rows(tid, offset, nrows) - nrows full rows of C
-//                    channels, reduce_block_rows(C, elem_bytes) of them
-//                    except in the last block.
+//                    channels, block_rows of them except in the last
+//                    block (reduce_block_rows, unless the caller's walk
+//                    wants other blocks).
 template <typename RunFn, typename RowsFn>
 void parallel_reduce_chunks(
-    const ChannelLayout& L, RunFn&& run, RowsFn&& rows, int64_t elem_bytes = 4) {
+    const ChannelLayout& L, RunFn&& run, RowsFn&& rows, int64_t block_rows) {
   if (L.N == 0 || L.S == 0 || L.C == 0) {
     return;
   }
@@ -87,7 +88,7 @@ void parallel_reduce_chunks(
       }
     });
   } else {
-    const int64_t block = reduce_block_rows(L.C, elem_bytes);
+    const int64_t block = block_rows;
     const int64_t blocks = (L.rows() + block - 1) / block;
     const int64_t grain = std::max<int64_t>(1, kGrainElems / (block * L.C));
     at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {

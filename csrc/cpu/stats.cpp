@@ -374,7 +374,7 @@ void batch_stats_impl(
       [&](int tid, int64_t offset, int64_t nrows) {
         rows_moments(xp + offset, nrows, C, rows_partial[tid]);
       },
-      sizeof(scalar_t));
+      reduce_block_rows(C, sizeof(scalar_t)));
 
   double* mean = mean_out.mutable_data_ptr<double>();
   acc_t* var = var_out.mutable_data_ptr<acc_t>();

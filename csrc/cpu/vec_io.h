@@ -57,6 +57,7 @@ inline void stream_fence() {
 
 template <typename scalar_t>
 struct VecIO {
+  using scalar_type = scalar_t;
   using acc_t = scalar_t;
   using V = Vectorized<acc_t>;
   static constexpr int kParts = 1;                 // acc vectors per step
@@ -83,6 +84,7 @@ struct VecIO {
 
 template <typename scalar_t>
 struct VecIOHalf {
+  using scalar_type = scalar_t;
   using acc_t = float;
   using V = Vectorized<float>;
   static constexpr int kParts = 2;
