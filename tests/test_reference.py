@@ -119,8 +119,9 @@ def test_module_matches_torch(case, dtypes, cfg, device):
 
 
 # channels_last reductions walk rows one at a time below 256 channels and
-# four spaced rows at a time from 256 (64-row blocks from 512); 35 rows per
-# sample leave remainder rows and a partial last step in every block.
+# four spaced rows at a time from 256 (64-row blocks from 512). 3 x 35 = 105
+# rows leave remainder rows (one block at 300 channels, 64 + 41 at 530), and
+# neither channel count is a whole number of vector steps.
 @pytest.mark.parametrize("channels", [100, 300, 530])
 @pytest.mark.parametrize("dtypes", DTYPES, ids=dtype_id)
 def test_many_channels_channels_last(channels, dtypes, device):

@@ -82,10 +82,11 @@ struct CoefPair {
 // cancelling gradient sums keep float32 accuracy.
 constexpr int kReduceRowGroup = 4;
 
-// From kSpreadChannels channels, those L1 accumulators (2 C floats, plus
-// 2 C doubles of partials) no longer share L1 with the rows streaming
-// through it, and the flush pass every 4 rows was half the reduction's
-// time (2048 channels: 2x slower than the walk below; 512: 1.3x). There,
+// Wide rows (kSpreadChannels or more channels): the flush pass every 4
+// rows is a larger share of the work, and from 512 channels those L1
+// accumulators (2 C floats, plus 2 C doubles of partials) no longer fit
+// L1 beside the rows streaming through it; the row walk measured 2x
+// slower than the walk below at 2048 channels, 1.3x at 512. There,
 // kReduceRowGroup rows spaced nrows / kReduceRowGroup apart are summed in
 // float registers, pairwise, and added into the double partials: the same
 // four float terms per lane, one double update per four rows, no flush
@@ -289,7 +290,7 @@ void reduce_steps(
     part[Cpad + c] += b0 + b1;
   };
 
-  // Float accumulators of the channels-inner path, zero between flushes.
+  // Float accumulators of the row walk, zero between flushes.
   const bool row_walk = L.channels_inner && C < kSpreadChannels;
   std::vector<acc_t> float_partial(
       row_walk ? static_cast<size_t>(nthreads) * 2 * Cpad : 0, acc_t(0));
