@@ -237,6 +237,27 @@ struct PairLanes {
   }
 };
 
+// ps[c + k] += sg[k] and pst[c + k] += sgt[k] over one acc vector's lanes,
+// widened to double: how both channels-inner walks of reduce_steps move
+// their float sums into the thread's double partials.
+template <typename acc_t>
+BNEXT_STEP inline void add_widened(
+    double* ps, double* pst, int64_t c, const Vectorized<acc_t>& sg,
+    const Vectorized<acc_t>& sgt) {
+  using D = Vectorized<double>;
+  using Widen = ToDouble<acc_t>;
+  D a[Widen::kParts], b[Widen::kParts];
+  Widen::apply(sg, a);
+  Widen::apply(sgt, b);
+#pragma GCC unroll 4
+  for (int q = 0; q < Widen::kParts; ++q) {
+    double* pa = ps + c + q * D::size();
+    double* pb = pst + c + q * D::size();
+    (D::loadu(pa) + a[q]).store(pa);
+    (D::loadu(pb) + b[q]).store(pb);
+  }
+}
+
 // Per-channel sum(g) and sum(g * t) in float64, where step(i, n, set, g, t)
 // yields P acc vectors of g and t for a step (lanes past n must give g = 0).
 // Deterministic for a given thread count: fixed chunks, fixed combine order.
@@ -296,10 +317,7 @@ void reduce_steps(
       row_walk ? static_cast<size_t>(nthreads) * 2 * Cpad : 0, acc_t(0));
 
   auto rows = [&](int tid, int64_t offset, int64_t nrows) {
-    using D = Vectorized<double>;
-    using Widen = ToDouble<acc_t>;
     constexpr int64_t W = V::size();
-    constexpr int64_t WD = D::size();
     const Coefs coefs_l = coefs;  // local copies: see elementwise_steps
     auto step_l = step;
     double* const ps = partial.data() + static_cast<size_t>(tid) * 2 * Cpad;
@@ -330,16 +348,7 @@ void reduce_steps(
         if (full < C) add_step(base + full, full, C - full);
       }
       for (int64_t c = 0; c < Cpad; c += W) {
-        D a[Widen::kParts], b[Widen::kParts];
-        Widen::apply(V::loadu(fs + c), a);
-        Widen::apply(V::loadu(fst + c), b);
-#pragma GCC unroll 4
-        for (int q = 0; q < Widen::kParts; ++q) {
-          double* pa = ps + c + q * WD;
-          double* pb = pst + c + q * WD;
-          (D::loadu(pa) + a[q]).store(pa);
-          (D::loadu(pb) + b[q]).store(pb);
-        }
+        add_widened(ps, pst, c, V::loadu(fs + c), V::loadu(fst + c));
         V(acc_t(0)).store(fs + c);
         V(acc_t(0)).store(fst + c);
       }
@@ -348,10 +357,7 @@ void reduce_steps(
 
   // Spread walk (above): kReduceRowGroup rows of one step at a time.
   auto spread_rows = [&](int tid, int64_t offset, int64_t nrows) {
-    using D = Vectorized<double>;
-    using Widen = ToDouble<acc_t>;
     constexpr int64_t W = V::size();
-    constexpr int64_t WD = D::size();
     const Coefs coefs_l = coefs;  // local copies: see elementwise_steps
     auto step_l = step;
     double* const ps = partial.data() + static_cast<size_t>(tid) * 2 * Cpad;
@@ -359,18 +365,7 @@ void reduce_steps(
     const int64_t full = C - C % K;
     auto widen_add = [&](int64_t c, const V* sg, const V* sgt) BNEXT_STEP {
 #pragma GCC unroll 4
-      for (int j = 0; j < P; ++j) {
-        D a[Widen::kParts], b[Widen::kParts];
-        Widen::apply(sg[j], a);
-        Widen::apply(sgt[j], b);
-#pragma GCC unroll 4
-        for (int q = 0; q < Widen::kParts; ++q) {
-          double* pa = ps + c + j * W + q * WD;
-          double* pb = pst + c + j * W + q * WD;
-          (D::loadu(pa) + a[q]).store(pa);
-          (D::loadu(pb) + b[q]).store(pb);
-        }
-      }
+      for (int j = 0; j < P; ++j) add_widened(ps, pst, c + j * W, sg[j], sgt[j]);
     };
     // Rows i, i + stride: their float sums (one rounding each).
     auto pair = [&](int64_t i, int64_t stride, int64_t n, const Set& s, V* sg, V* sgt)
