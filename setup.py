@@ -9,8 +9,10 @@ H100/H200 only, which halves the build time).
 
 The CPU kernels use at::vec::Vectorized, whose width is fixed at compile
 time. By default the build targets the widest instruction set the *building*
-machine has among DEFAULT and AVX2 (+FMA, F16C); BNEXT_CPU_CAPABILITY=
-default|avx2|avx512 overrides it. bnext is built from source where it runs,
+machine has among DEFAULT, AVX2 (+FMA, F16C) and AVX512 (F, BW, VL, DQ), the
+same levels torch's own kernels dispatch between at run time (torch picks
+AVX512 on the CI VM's Zen 4, so an AVX2 bnext would race it at half the
+vector width); BNEXT_CPU_CAPABILITY=default|avx2|avx512 overrides it. bnext is built from source where it runs,
 so this is safe; a binary built with AVX2 will not run on a CPU without it.
 """
 
@@ -62,7 +64,10 @@ def _cpu_capability():
             flags = set(next(l for l in f if l.startswith("flags")).split(":", 1)[1].split())
     except (OSError, StopIteration):
         return "default"
-    return "avx2" if {"avx2", "fma", "f16c", "bmi2"} <= flags else "default"
+    avx2 = {"avx2", "fma", "f16c", "bmi2"}
+    if avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx512"
+    return "avx2" if avx2 <= flags else "default"
 
 
 def _extension():
