@@ -104,7 +104,15 @@ typename VecIO<scalar_t>::acc_t run_mean(const scalar_t* q, int64_t len) {
 #pragma GCC unroll 16
     for (int j = 0; j < P; ++j) sum[j] = sum[j] + v[j];
   }
-  for (; i < len; ++i) tail += static_cast<acc_t>(q[i]);
+  if (i < len && len >= K) {
+    V v[P];
+    IO::load(q + len - K, v);
+    zero_step_lanes_below<P>(v, K - (len - i));
+#pragma GCC unroll 16
+    for (int j = 0; j < P; ++j) sum[j] = sum[j] + v[j];
+  } else {
+    for (; i < len; ++i) tail += static_cast<acc_t>(q[i]);
+  }
 #pragma GCC unroll 16
   for (int u = 1; u < U * P; ++u) sum[0] = sum[0] + sum[u];
   return (tail + hsum(sum[0])) * inv_len;
@@ -156,10 +164,23 @@ void run_moments(const scalar_t* q, int64_t len, ShiftedSums<typename VecIO<scal
       s2[j] = at::vec::fmadd(d, d, s2[j]);
     }
   }
-  for (; i < len; ++i) {
-    const acc_t d = static_cast<acc_t>(q[i]) - center;
-    t1 += d;
-    t2 += d * d;
+  if (i < len && len >= K) {  // the last step ends at len (zero_lanes_below)
+    V v[P];
+    IO::load(q + len - K, v);
+#pragma GCC unroll 16
+    for (int j = 0; j < P; ++j) v[j] = v[j] - vc;
+    zero_step_lanes_below<P>(v, K - (len - i));
+#pragma GCC unroll 16
+    for (int j = 0; j < P; ++j) {
+      s1[j] = s1[j] + v[j];
+      s2[j] = at::vec::fmadd(v[j], v[j], s2[j]);
+    }
+  } else {
+    for (; i < len; ++i) {
+      const acc_t d = static_cast<acc_t>(q[i]) - center;
+      t1 += d;
+      t2 += d * d;
+    }
   }
 #pragma GCC unroll 16
   for (int u = 1; u < U * P; ++u) {

@@ -300,8 +300,18 @@ void reduce_steps(
       l0.flush();
       l1.flush();
     }
-    for (; i < len; i += K) {
-      step_l(offset + i, std::min(K, len - i), s, g, t);
+    for (; i + K <= len; i += K) {
+      step_l(offset + i, K, s, g, t);
+      l0.add(g, t);
+    }
+    if (i < len) {
+      if (len >= K) {  // the last step ends at len (zero_lanes_below)
+        step_l(offset + len - K, K, s, g, t);
+        zero_step_lanes_below<P>(g, K - (len - i));
+        zero_step_lanes_below<P>(t, K - (len - i));  // 0 * inf would be NaN
+      } else {
+        step_l(offset + i, len - i, s, g, t);
+      }
       l0.add(g, t);
     }
     const auto [a0, b0] = l0.totals();
