@@ -102,30 +102,24 @@ void parallel_reduce_chunks(
   }
 }
 
-// Elementwise driver with the same two shapes of work:
-//   planar:          run(c, offset, len)
+// Elementwise driver with two shapes of work:
+//   planar:          planes(begin, end) - planes [begin, end), plane p
+//                    being channel p % C at offset p * S; a task's whole
+//                    range in one call, so per-plane setup the kernel can
+//                    hoist (constants, pointer copies) is paid per task
 //   channels-inner:  rows(offset, nrows)
 // With `fence`, every task ends with a store fence (its streaming stores
 // are then visible to whoever reads after the parallel region).
-template <typename RunFn, typename RowsFn>
+template <typename PlanesFn, typename RowsFn>
 void parallel_elementwise(
-    const ChannelLayout& L, RunFn&& run, RowsFn&& rows, bool fence = false) {
+    const ChannelLayout& L, PlanesFn&& planes, RowsFn&& rows, bool fence = false) {
   if (L.N == 0 || L.S == 0 || L.C == 0) {
     return;
   }
   if (!L.channels_inner) {
-    const int64_t planes = L.N * L.C;
     const int64_t grain = std::max<int64_t>(1, kGrainElems / L.S);
-    at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
-      // Channel of plane p is p % C; stepped, not divided: a 64-bit division
-      // per 7x7 plane costs as much as normalizing it.
-      int64_t c = begin % L.C;
-      for (int64_t p = begin; p < end; ++p) {
-        run(c, p * L.S, L.S);
-        if (++c == L.C) {
-          c = 0;
-        }
-      }
+    at::parallel_for(0, L.N * L.C, grain, [&](int64_t begin, int64_t end) {
+      planes(begin, end);
       if (fence) {
         stream_fence();
       }

@@ -138,19 +138,30 @@ void elementwise_steps(
   // reference would be reloaded after each store (measured 2x slower).
   parallel_elementwise(
       L,
-      [&](int64_t c, int64_t offset, int64_t len) {
+      [&](int64_t begin, int64_t end) {
         const Coefs coefs_l = coefs;
         auto step_l = step;
-        Set s;
-        coefs_l.broadcast(c, s);
-        if (len < K) {
-          step_l(offset, len, s, false);
-          return;
+        const int64_t S = L.S;
+        const bool stream = out.stream;
+        // Channel of plane p is p % C; stepped, not divided: a 64-bit
+        // division per 7x7 plane costs as much as normalizing it.
+        int64_t c = begin % L.C;
+        for (int64_t p = begin; p < end; ++p) {
+          const int64_t offset = p * S;
+          Set s;
+          coefs_l.broadcast(c, s);
+          if (S < K) {
+            step_l(offset, S, s, false);
+          } else {
+            // Streaming runs are whole lines, so whole steps (StepOutput::of).
+            int64_t i = 0;
+            for (; i + K <= S; i += K) step_l(offset + i, K, s, stream);
+            if (i < S) step_l(offset + S - K, K, s, false);
+          }
+          if (++c == L.C) {
+            c = 0;
+          }
         }
-        // Streaming runs are whole lines, so whole steps (StepOutput::of).
-        int64_t i = 0;
-        for (; i + K <= len; i += K) step_l(offset + i, K, s, out.stream);
-        if (i < len) step_l(offset + len - K, K, s, false);
       },
       [&](int64_t offset, int64_t nrows) {
         const Coefs coefs_l = coefs;
