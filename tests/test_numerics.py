@@ -113,9 +113,11 @@ def test_empty_batch_like_torch(shape, momentum, device):
 
 
 # Sizes that cross the chunk (4096 elements) and grain (32768) boundaries, so
-# every thread and every chunk-merge path runs.
+# every thread and every chunk-merge path runs; 64 channels_last channels take
+# the register row walk of the backward sums (38400 elements per channel).
 LARGE = [((6, 5, 70, 90), "contiguous"), ((6, 5, 70, 90), "channels_last"),
-         ((9000, 7), "contiguous"), ((3, 300, 9, 11), "channels_last"), ((40, 3, 5000), "contiguous")]
+         ((9000, 7), "contiguous"), ((3, 300, 9, 11), "channels_last"), ((40, 3, 5000), "contiguous"),
+         ((8, 64, 60, 80), "channels_last")]
 
 
 @pytest.mark.parametrize("shape,layout", LARGE, ids=str)
