@@ -118,6 +118,22 @@ def test_module_matches_torch(case, dtypes, cfg, device):
     _buffers_match(ours, ref)
 
 
+def _channels_last_steps(channels, dtypes, device, hw, ref_dtype=None):
+    """Two training steps of a channels_last BatchNorm2d of `channels` on
+    (3, channels, *hw) inputs, against torch (in ref_dtype when given)."""
+    in_dtype, param_dtype = dtypes
+    ours, ref = _pair(bnext.BatchNorm2d, torch.nn.BatchNorm2d, CONFIGS[0], in_dtype,
+                      param_dtype, device, channels=channels)
+    if ref_dtype is not None:
+        ref = ref.to(ref_dtype)
+    shape = (3, channels, *hw)
+    for _ in range(2):
+        x = make_input(shape, "channels_last", in_dtype, device) * 2 + 0.5
+        dy = make_input(shape, "channels_last", in_dtype, device)
+        _step(ours, ref, x, dy, ref_dtype=ref_dtype)
+        _buffers_match(ours, ref)
+
+
 # channels_last reductions walk rows one at a time below 256 channels and
 # four spaced rows at a time from 256 (64-row blocks from 512). 3 x 35 = 105
 # rows leave remainder rows (one block at 300 channels, 64 + 41 at 530), and
@@ -125,15 +141,7 @@ def test_module_matches_torch(case, dtypes, cfg, device):
 @pytest.mark.parametrize("channels", [100, 300, 530])
 @pytest.mark.parametrize("dtypes", DTYPES, ids=dtype_id)
 def test_many_channels_channels_last(channels, dtypes, device):
-    in_dtype, param_dtype = dtypes
-    ours, ref = _pair(bnext.BatchNorm2d, torch.nn.BatchNorm2d, CONFIGS[0], in_dtype,
-                      param_dtype, device, channels=channels)
-    shape = (3, channels, 5, 7)
-    for _ in range(2):
-        x = make_input(shape, "channels_last", in_dtype, device) * 2 + 0.5
-        dy = make_input(shape, "channels_last", in_dtype, device)
-        _step(ours, ref, x, dy)
-        _buffers_match(ours, ref)
+    _channels_last_steps(channels, dtypes, device, (5, 7))
 
 
 # channels_last reductions over a whole number of vector steps (at most 8)
@@ -148,16 +156,7 @@ def test_many_channels_channels_last(channels, dtypes, device):
 @pytest.mark.parametrize("channels", [16, 64, 128])
 @pytest.mark.parametrize("dtypes", DTYPES, ids=dtype_id)
 def test_register_row_sums_channels_last(channels, dtypes, device):
-    in_dtype, param_dtype = dtypes
-    ours, ref = _pair(bnext.BatchNorm2d, torch.nn.BatchNorm2d, CONFIGS[0], in_dtype,
-                      param_dtype, device, channels=channels)
-    ref = ref.double()
-    shape = (3, channels, 11, 10)
-    for _ in range(2):
-        x = make_input(shape, "channels_last", in_dtype, device) * 2 + 0.5
-        dy = make_input(shape, "channels_last", in_dtype, device)
-        _step(ours, ref, x, dy, ref_dtype=torch.float64)
-        _buffers_match(ours, ref)
+    _channels_last_steps(channels, dtypes, device, (11, 10), ref_dtype=torch.float64)
 
 
 # Eval without running stats is an error case, covered in test_bad_input.
