@@ -100,6 +100,10 @@ void backward_elementwise_impl(
 // than dx (small channels, var << eps, |mean| >> std); torch's CPU kernel
 // evaluates it in double for float32 too, and float32 arithmetic was
 // measured at up to 1.2x the float32 tolerance where torch stays within it.
+// In double, (x - mean) * b + k = x * b + (k - mean * b) loses ~1e-16 of
+// |mean * b|, far below float32 rounding of dx even at |mean| = 1e4 std, so
+// the kernel takes three coefficients (a, b, k - mean * b), not four: at
+// many channels_last channels the coefficient loads are most of a step.
 // mean, a, b, k are (C,) float64. Memory traffic is unchanged.
 void backward_elementwise_f32_exact(
     const at::Tensor& dy,
@@ -113,12 +117,20 @@ void backward_elementwise_f32_exact(
   using V = Vectorized<float>;
   using D = Vectorized<double>;
   using Widen = ToDouble<float>;
-  using Coefs = ChannelCoefs<double, 4, Widen::kParts>;  // a, mean, b, k
+  using Coefs = ChannelCoefs<double, 3, Widen::kParts>;  // a, b, k - mean * b
+  const int64_t C = mean_t.numel();
+  std::vector<double> k_folded(static_cast<size_t>(C));
+  {
+    const double* m = mean_t.const_data_ptr<double>();
+    const double* b = b_t.const_data_ptr<double>();
+    const double* k = k_t.const_data_ptr<double>();
+    for (int64_t c = 0; c < C; ++c) k_folded[c] = k[c] - m[c] * b[c];
+  }
   const float* dyp = dy.const_data_ptr<float>();
   const float* xp = x.const_data_ptr<float>();
   float* dxp = dx.mutable_data_ptr<float>();
-  const Coefs coefs{{a_t.const_data_ptr<double>(), mean_t.const_data_ptr<double>(),
-                     b_t.const_data_ptr<double>(), k_t.const_data_ptr<double>()}};
+  const Coefs coefs{{a_t.const_data_ptr<double>(), b_t.const_data_ptr<double>(),
+                     k_folded.data()}};
   const ChannelLayout L = make_layout(dy);
   elementwise_steps<IO::kStep>(
       L, coefs, StepOutput::of(L, dxp, 3),
@@ -131,8 +143,7 @@ void backward_elementwise_f32_exact(
         Widen::apply(xv, xd);
 #pragma GCC unroll 2
         for (int q = 0; q < 2; ++q) {
-          r[q] = at::vec::fmadd(
-              gd[q], s.v[0][q], at::vec::fmadd(xd[q] - s.v[1][q], s.v[2][q], s.v[3][q]));
+          r[q] = at::vec::fmadd(gd[q], s.v[0][q], at::vec::fmadd(xd[q], s.v[1][q], s.v[2][q]));
         }
         g = to_float(r[0], r[1]);
         IO::store_n(dxp + i, &g, n, stream);
