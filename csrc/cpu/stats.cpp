@@ -59,7 +59,8 @@ struct ShiftedSums {
     a += s1 + dn * d;
     b += s2 + d * (2.0 * s1 + dn * d);
     n += len;
-    if ((++chunks & (chunks - 1)) == 0) {
+    ++chunks;
+    if ((chunks & (chunks - 1)) == 0) {
       center = static_cast<acc_t>(k + a / static_cast<double>(n));
     }
   }

@@ -102,9 +102,10 @@ constexpr int64_t kSpreadBlockRows = 64;
 
 // Narrow rows (C a multiple of the step, at most kRegisterRowSteps steps,
 // and the row's coefficients and float sums fitting the vector register
-// file): the row walk keeps every channel's coefficients and float sums in
-// registers for the whole block, so a step is two loads and no L1
-// accumulator traffic (the row walk's step is five loads and two stores).
+// file): the register walk goes through rows in memory order like the row
+// walk, but keeps every channel's coefficients and float sums in registers
+// for the whole block, so a step is two loads and no L1 accumulator
+// traffic (the row walk's step is five loads and two stores).
 constexpr int kRegisterRowSteps = 8;
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kVectorRegisters = 32;
