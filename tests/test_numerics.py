@@ -37,7 +37,11 @@ def test_variance_stable_when_mean_dwarfs_std(shape, fmt, device):
     assert (y.double() - y64).abs().max() <= (yt.double() - y64).abs().max() + 1e-6
 
 
-@pytest.mark.parametrize("shape,fmt", LAYOUTS + [((64, 4, 7, 7), torch.contiguous_format)], ids=str)
+# (64, 32, 7, 7) and (100, 48, 14, 14): the channel-block walk of small planes.
+@pytest.mark.parametrize("shape,fmt", LAYOUTS + [((64, 4, 7, 7), torch.contiguous_format),
+                                                 ((64, 32, 7, 7), torch.contiguous_format),
+                                                 ((100, 48, 14, 14), torch.contiguous_format)],
+                         ids=str)
 def test_variance_stable_when_first_chunk_is_an_outlier(shape, fmt, device):
     """The CPU statistics sum about a centre taken from each thread's first
     chunk of a channel. Sample 0 (the first chunk) sits 300 std above the
@@ -114,10 +118,11 @@ def test_empty_batch_like_torch(shape, momentum, device):
 
 # Sizes that cross the chunk (4096 elements) and grain (32768) boundaries, so
 # every thread and every chunk-merge path runs; 64 channels_last channels take
-# the register row walk of the backward sums (38400 elements per channel).
+# the register row walk of the backward sums (38400 elements per channel);
+# (300, 64, 7, 7) the channel-block walk of the statistics (7 flushes).
 LARGE = [((6, 5, 70, 90), "contiguous"), ((6, 5, 70, 90), "channels_last"),
          ((9000, 7), "contiguous"), ((3, 300, 9, 11), "channels_last"), ((40, 3, 5000), "contiguous"),
-         ((8, 64, 60, 80), "channels_last")]
+         ((8, 64, 60, 80), "channels_last"), ((300, 64, 7, 7), "contiguous")]
 
 
 @pytest.mark.parametrize("shape,layout", LARGE, ids=str)

@@ -118,18 +118,19 @@ def test_module_matches_torch(case, dtypes, cfg, device):
     _buffers_match(ours, ref)
 
 
-def _channels_last_steps(channels, dtypes, device, hw, ref_dtype=None):
-    """Two training steps of a channels_last BatchNorm2d of `channels` on
-    (3, channels, *hw) inputs, against torch (in ref_dtype when given)."""
+def _steps_2d(channels, dtypes, device, hw, ref_dtype=None, layout="channels_last", batch=3):
+    """Two training steps of a BatchNorm2d of `channels` on
+    (batch, channels, *hw) inputs in `layout`, against torch (in ref_dtype
+    when given)."""
     in_dtype, param_dtype = dtypes
     ours, ref = _pair(bnext.BatchNorm2d, torch.nn.BatchNorm2d, CONFIGS[0], in_dtype,
                       param_dtype, device, channels=channels)
     if ref_dtype is not None:
         ref = ref.to(ref_dtype)
-    shape = (3, channels, *hw)
+    shape = (batch, channels, *hw)
     for _ in range(2):
-        x = make_input(shape, "channels_last", in_dtype, device) * 2 + 0.5
-        dy = make_input(shape, "channels_last", in_dtype, device)
+        x = make_input(shape, layout, in_dtype, device) * 2 + 0.5
+        dy = make_input(shape, layout, in_dtype, device)
         _step(ours, ref, x, dy, ref_dtype=ref_dtype)
         _buffers_match(ours, ref)
 
@@ -141,7 +142,7 @@ def _channels_last_steps(channels, dtypes, device, hw, ref_dtype=None):
 @pytest.mark.parametrize("channels", [100, 300, 530])
 @pytest.mark.parametrize("dtypes", DTYPES, ids=dtype_id)
 def test_many_channels_channels_last(channels, dtypes, device):
-    _channels_last_steps(channels, dtypes, device, (5, 7))
+    _steps_2d(channels, dtypes, device, (5, 7))
 
 
 # channels_last reductions over a whole number of vector steps (at most 8)
@@ -156,7 +157,21 @@ def test_many_channels_channels_last(channels, dtypes, device):
 @pytest.mark.parametrize("channels", [16, 64, 128])
 @pytest.mark.parametrize("dtypes", DTYPES, ids=dtype_id)
 def test_register_row_sums_channels_last(channels, dtypes, device):
-    _channels_last_steps(channels, dtypes, device, (11, 10), ref_dtype=torch.float64)
+    _steps_2d(channels, dtypes, device, (11, 10), ref_dtype=torch.float64)
+
+
+# Contiguous inputs with small planes (at most 256 elements, at least one
+# vector step) and at least 8 channels per thread sum a block of channels
+# over the whole batch per task. 50 planes per channel cross a flush of
+# the float sums (every 2048 elements: 41 planes of 7x7, 102 of 4x5);
+# 70 channels split into uneven blocks. 4x5 planes are one float32 step
+# and less than a bfloat16 one (that dtype takes the per-plane walk).
+@pytest.mark.parametrize("channels,hw", [(20, (7, 7)), (70, (7, 7)), (70, (4, 5)), (40, (14, 14))],
+                         ids=str)
+@pytest.mark.parametrize("dtypes", DTYPES, ids=dtype_id)
+def test_small_planes_channel_blocks(channels, hw, dtypes, device):
+    _steps_2d(channels, dtypes, device, hw, ref_dtype=torch.float64, layout="contiguous",
+              batch=50)
 
 
 # Eval without running stats is an error case, covered in test_bad_input.

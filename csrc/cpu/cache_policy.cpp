@@ -44,6 +44,11 @@ int64_t llc_bytes() {
 
 }  // namespace
 
+bool fits_last_level_cache(int64_t bytes) {
+  static const int64_t llc = llc_bytes();
+  return bytes <= llc;
+}
+
 bool stream_stores(int64_t pass_bytes) {
   static const int forced = [] {
     const char* env = std::getenv("BNEXT_STREAMING_STORES");

@@ -1,5 +1,6 @@
-// When an elementwise pass should write its output with streaming
-// (non-temporal) stores.
+// Cache-size decisions: when an elementwise pass should write its output
+// with streaming (non-temporal) stores, and whether a forward's input and
+// output stay in the last-level cache.
 #pragma once
 #include <cstdint>
 
@@ -9,5 +10,9 @@ namespace bnext::cpu {
 // its output in the last-level cache anyway. BNEXT_STREAMING_STORES=0 or 1
 // forces the choice (for benchmarking both).
 bool stream_stores(int64_t pass_bytes);
+
+// True when `bytes` fit the last-level cache (sysfs size of cpu0's highest
+// cache level).
+bool fits_last_level_cache(int64_t bytes);
 
 }  // namespace bnext::cpu
