@@ -126,6 +126,45 @@ typename VecIO<scalar_t>::acc_t run_mean(const scalar_t* q, int64_t len) {
   return (tail + hsum(sum[0])) * inv_len;
 }
 
+// s1 += (x - vc), s2 += (x - vc)^2 over elements [i, len) of a run of
+// len >= K elements, one vector step at a time; the last step ends at len
+// with the lanes already counted zeroed.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void plane_sums(
+    const scalar_t* q,
+    int64_t i,
+    int64_t len,
+    const typename VecIO<scalar_t>::V& vc,
+    typename VecIO<scalar_t>::V* s1,
+    typename VecIO<scalar_t>::V* s2) {
+  using IO = VecIO<scalar_t>;
+  using V = typename IO::V;
+  constexpr int P = IO::kParts;
+  constexpr int64_t K = IO::kStep;
+  for (; i + K <= len; i += K) {
+    V v[P];
+    IO::load(q + i, v);
+#pragma GCC unroll 4
+    for (int j = 0; j < P; ++j) {
+      const V d = v[j] - vc;
+      s1[j] = s1[j] + d;
+      s2[j] = at::vec::fmadd(d, d, s2[j]);
+    }
+  }
+  if (i < len) {
+    V v[P];
+    IO::load(q + len - K, v);
+#pragma GCC unroll 4
+    for (int j = 0; j < P; ++j) v[j] = v[j] - vc;
+    zero_step_lanes_below<P>(v, K - (len - i));
+#pragma GCC unroll 4
+    for (int j = 0; j < P; ++j) {
+      s1[j] = s1[j] + v[j];
+      s2[j] = at::vec::fmadd(v[j], v[j], s2[j]);
+    }
+  }
+}
+
 // Adds `len` contiguous elements of one channel to `out`: S1 = sum(x - c),
 // S2 = sum((x - c)^2) in one pass. c is the channel's mean so far; for the
 // thread's first run of the channel it is the run's own mean, and the run
@@ -162,27 +201,8 @@ void run_moments(const scalar_t* q, int64_t len, ShiftedSums<typename VecIO<scal
       }
     }
   }
-  for (; i + K <= len; i += K) {
-    V v[P];
-    IO::load(q + i, v);
-#pragma GCC unroll 16
-    for (int j = 0; j < P; ++j) {
-      const V d = v[j] - vc;
-      s1[j] = s1[j] + d;
-      s2[j] = at::vec::fmadd(d, d, s2[j]);
-    }
-  }
-  if (i < len && len >= K) {  // the last step ends at len (zero_lanes_below)
-    V v[P];
-    IO::load(q + len - K, v);
-#pragma GCC unroll 16
-    for (int j = 0; j < P; ++j) v[j] = v[j] - vc;
-    zero_step_lanes_below<P>(v, K - (len - i));
-#pragma GCC unroll 16
-    for (int j = 0; j < P; ++j) {
-      s1[j] = s1[j] + v[j];
-      s2[j] = at::vec::fmadd(v[j], v[j], s2[j]);
-    }
+  if (len >= K) {
+    plane_sums<scalar_t>(q, i, len, vc, s1, s2);
   } else {
     for (; i < len; ++i) {
       const acc_t d = static_cast<acc_t>(q[i]) - center;
@@ -224,44 +244,6 @@ constexpr int64_t kBlockRunBytes = 8192;
 constexpr int64_t kMaxBlockChannels = 64;
 constexpr int64_t kFlushElems = 2048;
 
-// s1 += (x - vc), s2 += (x - vc)^2 over a plane of len >= K elements; the
-// last step ends at len with the lanes already counted zeroed.
-template <typename scalar_t>
-__attribute__((always_inline)) inline void plane_sums(
-    const scalar_t* q,
-    int64_t len,
-    const typename VecIO<scalar_t>::V& vc,
-    typename VecIO<scalar_t>::V* s1,
-    typename VecIO<scalar_t>::V* s2) {
-  using IO = VecIO<scalar_t>;
-  using V = typename IO::V;
-  constexpr int P = IO::kParts;
-  constexpr int64_t K = IO::kStep;
-  int64_t i = 0;
-  for (; i + K <= len; i += K) {
-    V v[P];
-    IO::load(q + i, v);
-#pragma GCC unroll 4
-    for (int j = 0; j < P; ++j) {
-      const V d = v[j] - vc;
-      s1[j] = s1[j] + d;
-      s2[j] = at::vec::fmadd(d, d, s2[j]);
-    }
-  }
-  if (i < len) {
-    V v[P];
-    IO::load(q + len - K, v);
-#pragma GCC unroll 4
-    for (int j = 0; j < P; ++j) v[j] = v[j] - vc;
-    zero_step_lanes_below<P>(v, K - (len - i));
-#pragma GCC unroll 4
-    for (int j = 0; j < P; ++j) {
-      s1[j] = s1[j] + v[j];
-      s2[j] = at::vec::fmadd(v[j], v[j], s2[j]);
-    }
-  }
-}
-
 // Channels [c0, c1) (at most kMaxBlockChannels) over all N planes of each,
 // into out[c - c0]. Needs S >= K.
 template <typename scalar_t>
@@ -295,7 +277,7 @@ void channel_block_moments(
       if (n == 0) {
         center[j] = run_mean(q, S);  // the first plane is read twice, from L1
       }
-      plane_sums<scalar_t>(q, S, V(center[j]), s1[j], s2[j]);
+      plane_sums<scalar_t>(q, 0, S, V(center[j]), s1[j], s2[j]);
     }
     if (++pending == interval || n + 1 == L.N) {
       for (int64_t j = 0; j < B; ++j) {
@@ -336,25 +318,6 @@ struct RowsPartial {
   std::vector<double> a, b;
   std::vector<acc_t> center;  // the centre the kernels subtract
 };
-
-// a[c + k] += s1[k], b[c + k] += s2[k] over one acc vector's lanes.
-template <typename acc_t>
-inline void add_block_sums(
-    RowsPartial<acc_t>& part, int64_t c, const Vectorized<acc_t>& s1,
-    const Vectorized<acc_t>& s2) {
-  using D = Vectorized<double>;
-  using Widen = ToDouble<acc_t>;
-  D w1[Widen::kParts], w2[Widen::kParts];
-  Widen::apply(s1, w1);
-  Widen::apply(s2, w2);
-#pragma GCC unroll 4
-  for (int q = 0; q < Widen::kParts; ++q) {
-    double* pa = part.a.data() + c + q * D::size();
-    double* pb = part.b.data() + c + q * D::size();
-    (D::loadu(pa) + w1[q]).store(pa);
-    (D::loadu(pb) + w2[q]).store(pb);
-  }
-}
 
 // Moments of channels [c0, c0 + NS * K) over `nrows` rows: a tile of NS
 // steps of K channels read row after row, with every accumulator in
@@ -426,7 +389,7 @@ void tile_moments(
     }
   }
 #pragma GCC unroll 16
-  for (int v = 0; v < NV; ++v) add_block_sums(part, c0 + v * W, s1[v], s2[v]);
+  for (int v = 0; v < NV; ++v) add_widened(part.a.data(), part.b.data(), c0 + v * W, s1[v], s2[v]);
 }
 
 // Channels past the last full step, one at a time (C % K of them).

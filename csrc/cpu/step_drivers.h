@@ -267,27 +267,6 @@ struct PairLanes {
   }
 };
 
-// ps[c + k] += sg[k] and pst[c + k] += sgt[k] over one acc vector's lanes,
-// widened to double: how both channels-inner walks of reduce_steps move
-// their float sums into the thread's double partials.
-template <typename acc_t>
-BNEXT_STEP inline void add_widened(
-    double* ps, double* pst, int64_t c, const Vectorized<acc_t>& sg,
-    const Vectorized<acc_t>& sgt) {
-  using D = Vectorized<double>;
-  using Widen = ToDouble<acc_t>;
-  D a[Widen::kParts], b[Widen::kParts];
-  Widen::apply(sg, a);
-  Widen::apply(sgt, b);
-#pragma GCC unroll 4
-  for (int q = 0; q < Widen::kParts; ++q) {
-    double* pa = ps + c + q * D::size();
-    double* pb = pst + c + q * D::size();
-    (D::loadu(pa) + a[q]).store(pa);
-    (D::loadu(pb) + b[q]).store(pb);
-  }
-}
-
 // Per-channel sum(g) and sum(g * t) in float64, where step(i, n, set, g, t)
 // yields P acc vectors of g and t for a step (lanes past n must give g = 0).
 // Deterministic for a given thread count: fixed chunks, fixed combine order.

@@ -253,4 +253,25 @@ inline Vectorized<float> to_float(const Vectorized<double>& lo, const Vectorized
 #endif
 }
 
+// ps[c + k] += sg[k] and pst[c + k] += sgt[k] over one acc vector's lanes,
+// widened to double: how the channels-inner walks (backward sums,
+// statistics) move their float sums into a thread's double partials.
+template <typename acc_t>
+__attribute__((always_inline)) inline void add_widened(
+    double* ps, double* pst, int64_t c, const Vectorized<acc_t>& sg,
+    const Vectorized<acc_t>& sgt) {
+  using D = Vectorized<double>;
+  using Widen = ToDouble<acc_t>;
+  D a[Widen::kParts], b[Widen::kParts];
+  Widen::apply(sg, a);
+  Widen::apply(sgt, b);
+#pragma GCC unroll 4
+  for (int q = 0; q < Widen::kParts; ++q) {
+    double* pa = ps + c + q * D::size();
+    double* pb = pst + c + q * D::size();
+    (D::loadu(pa) + a[q]).store(pa);
+    (D::loadu(pb) + b[q]).store(pb);
+  }
+}
+
 }  // namespace bnext::cpu
