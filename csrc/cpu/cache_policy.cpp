@@ -49,7 +49,7 @@ bool fits_last_level_cache(int64_t bytes) {
   return bytes <= llc;
 }
 
-bool stream_stores(int64_t pass_bytes) {
+bool stream_stores(int64_t pass_bytes, bool wide_rows) {
   static const int forced = [] {
     const char* env = std::getenv("BNEXT_STREAMING_STORES");
     return env == nullptr ? -1 : std::atoi(env) != 0;
@@ -57,11 +57,18 @@ bool stream_stores(int64_t pass_bytes) {
   if (forced >= 0) {
     return forced != 0;
   }
-  // Measured on the CI VM (32 MB L3), eval: streaming is 7% slower when
-  // input + output are 26 MB, even to 1.25x faster at 51 MB (1024 channels
-  // of 14x14, channels_last), 1.3-1.4x faster at 103 MB.
-  static const int64_t threshold = llc_bytes() * 3 / 2;
-  return pass_bytes > threshold;
+  // Measured on the CI VM (32 MB L3, shared with other guests), eval:
+  // streaming is 7% slower when input + output are 26 MB, even to 1.25x
+  // faster at 51 MB (1024 channels of 14x14, channels_last), 1.3-1.4x
+  // faster at 103 MB. Later runs, both settings interleaved in one process
+  // and repeated over six processes (the per-process spread was up to 2x),
+  // split the 26 MB float32 channels_last cases by row width. Streaming
+  // at 512 and 2048 channels: eval 0.9x and 1.4x, training forward 1.3x
+  // and 1.2x as fast (median ratios); at 128 channels 0.8x both. Planar:
+  // a training forward at 26 MB (128x28x28) 0.7x. 64-channel rows and
+  // bfloat16 cases showed no difference either way.
+  static const int64_t llc = llc_bytes();
+  return pass_bytes > (wide_rows ? llc * 3 / 4 : llc * 3 / 2);
 }
 
 }  // namespace bnext::cpu

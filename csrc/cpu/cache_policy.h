@@ -6,10 +6,13 @@
 
 namespace bnext::cpu {
 
-// True when a pass that reads and writes `pass_bytes` in all would not keep
-// its output in the last-level cache anyway. BNEXT_STREAMING_STORES=0 or 1
-// forces the choice (for benchmarking both).
-bool stream_stores(int64_t pass_bytes);
+// True when a pass that reads and writes `pass_bytes` in all should write
+// its output with streaming stores: when it would not keep the output in
+// the last-level cache anyway, and for channels-inner rows of at least
+// kWideRowBytes from half that size (cache_policy.cpp).
+// BNEXT_STREAMING_STORES=0 or 1 forces the choice (for benchmarking both).
+constexpr int64_t kWideRowBytes = 2048;
+bool stream_stores(int64_t pass_bytes, bool wide_rows);
 
 // True when `bytes` fit the last-level cache (sysfs size of cpu0's highest
 // cache level).

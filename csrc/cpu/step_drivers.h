@@ -136,7 +136,8 @@ struct StepOutput {
     const int64_t elem = static_cast<int64_t>(sizeof(T));
     const int64_t run_bytes = (L.channels_inner ? L.C : L.S) * elem;
     return {reinterpret_cast<uintptr_t>(base) % kLine == 0 && run_bytes % kLine == 0 &&
-            stream_stores(tensors * L.N * L.C * L.S * elem)};
+            stream_stores(tensors * L.N * L.C * L.S * elem,
+                          L.channels_inner && run_bytes >= kWideRowBytes)};
   }
 };
 
