@@ -162,8 +162,10 @@ def test_register_row_sums_channels_last(channels, dtypes, device):
 
 # Contiguous inputs with small planes (at most 256 elements, at least one
 # vector step) and at least 8 channels per thread sum a block of channels
-# over the whole batch per task. 50 planes per channel cross a flush of
-# the float sums (every 2048 elements: 41 planes of 7x7, 102 of 4x5);
+# over the whole batch per task in the statistics, and in the backward
+# sums for planes of at most 64 elements (7x7 and 4x5 here). 50 planes
+# per channel cross a flush of the statistics' float sums
+# (every 2048 elements: 41 planes of 7x7, 102 of 4x5);
 # 70 channels split into uneven blocks. 4x5 planes are one float32 step
 # and less than a bfloat16 one (that dtype takes the per-plane walk).
 @pytest.mark.parametrize("channels,hw", [(20, (7, 7)), (70, (7, 7)), (70, (4, 5)), (40, (14, 14))],

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../channel_layout.h"
+#include "cache_policy.h"
 #include "vec_io.h"
 
 namespace bnext::cpu {
@@ -100,6 +101,53 @@ void parallel_reduce_chunks(
       }
     });
   }
+}
+
+// Small planes (7x7, 14x14): summing each plane on its own costs two
+// horizontal sums and a double update per 49 elements, more than half of
+// a bfloat16 statistics pass in a profile. There, the reductions can take
+// a block of channels over the whole batch per task instead: for each n,
+// the block's planes are one contiguous run (kBlockRunBytes, long enough
+// for the prefetcher), and each channel's vector sums stay in a stack
+// array until they are reduced every few dozen elements or at the end. A
+// channel is summed in one task, in a fixed order, so its result does not
+// depend on the thread count.
+// Only while the `tensors` tensors of the input's size that the pass and
+// the one after it touch fit the last-level cache: out of it, runs of a
+// block spaced C * S apart measured 1.3x slower than the memory-order walk
+// (float32 1024x14x14 statistics, 26 MB), where 12.8 MB of 2048x7x7 was
+// 1.2x faster; a backward whose dy, x and dx came to 38 MB (float32
+// 512x14x14) was 1.5x slower with its sums over channel blocks, the sums
+// themselves no faster.
+constexpr int64_t kSmallPlaneElems = 256;
+constexpr int64_t kBlockRunBytes = 8192;
+
+// Runs block(tid, c0, c1) over channel blocks of at most max_channels and
+// returns true where the walk applies (planar, step <= S <=
+// kSmallPlaneElems, at least 8 channels per thread, in cache); else false.
+// At least 4 blocks per thread.
+template <typename BlockFn>
+bool parallel_channel_blocks(
+    const ChannelLayout& L, int64_t elem_bytes, int64_t step, int64_t max_channels,
+    int tensors, BlockFn&& block) {
+  const int nthreads = at::get_num_threads();
+  const int64_t C = L.C;
+  if (L.channels_inner || L.N == 0 || L.S < step || L.S > kSmallPlaneElems ||
+      C < 8 * nthreads || !fits_last_level_cache(tensors * L.N * C * L.S * elem_bytes)) {
+    return false;
+  }
+  const int64_t by_bytes = std::max<int64_t>(1, kBlockRunBytes / (L.S * elem_bytes));
+  const int64_t tasks = std::min<int64_t>(
+      C, std::max<int64_t>({(C + by_bytes - 1) / by_bytes, (C + max_channels - 1) / max_channels,
+                            int64_t{4} * nthreads}));
+  const int64_t size = (C + tasks - 1) / tasks;
+  at::parallel_for(0, (C + size - 1) / size, 1, [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    for (int64_t t = begin; t < end; ++t) {
+      block(tid, t * size, std::min(C, (t + 1) * size));
+    }
+  });
+  return true;
 }
 
 // Elementwise driver with two shapes of work:

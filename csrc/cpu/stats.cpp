@@ -220,27 +220,15 @@ void run_moments(const scalar_t* q, int64_t len, ShiftedSums<typename VecIO<scal
   out.add(len, center, static_cast<double>(t1), static_cast<double>(t2));
 }
 
-// Small planes (7x7, 14x14): summing each plane and adding it to its
-// channel's double sums took two horizontal sums and a double update per
-// 49 elements, more than half of the bfloat16 statistics pass in a
-// profile. There, a task takes a block of channels over the whole batch:
-// for each n, the block's planes are one contiguous run (kBlockRunBytes,
-// long enough for the prefetcher), each channel's float vector sums stay
-// in a stack array, and they are reduced and added into the channel's
-// ShiftedSums every kFlushElems elements per channel (a few dozen float
-// terms per lane, as many as a planar run's), which moves the centre each
-// time. The first flushes come after 1, 1, 2, 4, ... planes, so a first
-// plane far from the channel's mean costs no more accuracy than in the
-// per-plane walk (whose centre moves after planes 1, 2, 4, ...; a first
-// plane 300 std off failed the float32 tolerance when the centre stayed
-// there for 41 planes). A channel is summed
-// in one task, in a fixed order: the result does not depend on threads.
-// Only while the forward's input and output fit the last-level cache: out
-// of it, runs of a block spaced C * S apart measured 1.3x slower than the
-// memory-order walk (float32 1024x14x14, 26 MB), where 12.8 MB of 2048x7x7
-// was 1.2x faster.
-constexpr int64_t kSmallPlaneElems = 256;
-constexpr int64_t kBlockRunBytes = 8192;
+// Small-plane channel blocks (parallel_channel_blocks, layout.h): each
+// channel's float vector sums are reduced and added into its ShiftedSums
+// every kFlushElems elements per channel (a few dozen float terms per
+// lane, as many as a planar run's), which moves the centre each time. The
+// first flushes come after 1, 1, 2, 4, ... planes, so a first plane far
+// from the channel's mean costs no more accuracy than in the per-plane
+// walk (whose centre moves after planes 1, 2, 4, ...; a first plane 300
+// std off failed the float32 tolerance when the centre stayed there for 41
+// planes).
 constexpr int64_t kMaxBlockChannels = 64;
 constexpr int64_t kFlushElems = 2048;
 
@@ -491,26 +479,14 @@ void batch_stats_impl(
     rp.center.assign(C, acc_t(0));
   }
 
-  const bool channel_blocks = !L.channels_inner && L.N > 0 && L.S >= VecIO<scalar_t>::kStep &&
-      L.S <= kSmallPlaneElems && L.C >= 8 * nthreads &&
-      fits_last_level_cache(2 * x.numel() * static_cast<int64_t>(sizeof(scalar_t)));
-  if (channel_blocks) {
-    // Blocks of at most kMaxBlockChannels, at least 4 per thread.
-    const int64_t by_bytes = std::max<int64_t>(
-        1, kBlockRunBytes / (L.S * static_cast<int64_t>(sizeof(scalar_t))));
-    const int64_t tasks = std::min<int64_t>(
-        C, std::max<int64_t>(
-               {(C + by_bytes - 1) / by_bytes, (C + kMaxBlockChannels - 1) / kMaxBlockChannels,
-                int64_t{4} * nthreads}));
-    const int64_t block = (C + tasks - 1) / tasks;
-    // Each channel is summed by one task, into thread slot 0.
-    at::parallel_for(0, (C + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t c0 = t * block;
-        channel_block_moments(xp, L, c0, std::min(C, c0 + block), partial.data() + c0);
-      }
-    });
-  } else {
+  // Each channel is summed by one task, into thread slot 0. The forward's
+  // normalization reads x again and writes y: two tensors.
+  const bool channel_blocks = parallel_channel_blocks(
+      L, sizeof(scalar_t), VecIO<scalar_t>::kStep, kMaxBlockChannels, /*tensors=*/2,
+      [&](int /*tid*/, int64_t c0, int64_t c1) {
+        channel_block_moments(xp, L, c0, c1, partial.data() + c0);
+      });
+  if (!channel_blocks) {
     parallel_reduce_chunks(
         L,
         [&](int tid, int64_t c, int64_t offset, int64_t len) {
