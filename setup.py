@@ -12,8 +12,12 @@ time. By default the build targets the widest instruction set the *building*
 machine has among DEFAULT, AVX2 (+FMA, F16C) and AVX512 (F, BW, VL, DQ), the
 same levels torch's own kernels dispatch between at run time (torch picks
 AVX512 on the CI VM's Zen 4, so an AVX2 bnext would race it at half the
-vector width); BNEXT_CPU_CAPABILITY=default|avx2|avx512 overrides it. bnext is built from source where it runs,
-so this is safe; a binary built with AVX2 will not run on a CPU without it.
+vector width). AVX512_BF16 is AVX512 plus the AVX512_BF16 extension (Zen 4,
+Cooper Lake, Sapphire Rapids and later), which rounds float32 to bfloat16 in
+one instruction instead of torch's integer emulation (csrc/cpu/vec_io.h).
+BNEXT_CPU_CAPABILITY=default|avx2|avx512|avx512_bf16 overrides the choice.
+bnext is built from source where it runs, so this is safe; a binary built
+with AVX2 will not run on a CPU without it.
 """
 
 import glob
@@ -51,6 +55,9 @@ _CAPABILITY_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
                "-mbmi2", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
 }
+# Not a level of torch's dispatch: the same AVX512 Vectorized, with the
+# compiler allowed the bfloat16 conversion instructions (__AVX512BF16__).
+_CAPABILITY_FLAGS["avx512_bf16"] = _CAPABILITY_FLAGS["avx512"] + ["-mavx512bf16"]
 
 
 def _cpu_capability():
@@ -66,7 +73,7 @@ def _cpu_capability():
         return "default"
     avx2 = {"avx2", "fma", "f16c", "bmi2"}
     if avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        return "avx512"
+        return "avx512_bf16" if "avx512_bf16" in flags else "avx512"
     return "avx2" if avx2 <= flags else "default"
 
 

@@ -1,6 +1,6 @@
 """Numerical edge cases: stable variance, constant channels, NaN isolation,
 empty batches, large tensors on every parallel path, thread-count
-independence."""
+independence, bfloat16 rounding."""
 
 import pytest
 import torch
@@ -164,3 +164,29 @@ def test_thread_count_does_not_change_results():
         torch.set_num_threads(before)
     for a, b in zip(*outs):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("shape,fmt", [((4, 6, 7, 7), torch.contiguous_format),
+                                       ((4, 6, 7, 7), torch.channels_last),
+                                       ((64, 6), torch.contiguous_format)], ids=str)
+def test_bfloat16_output_rounds_like_torch(shape, fmt, device):
+    # A bfloat16 output is the float32 result rounded to nearest even, as
+    # torch's .to(torch.bfloat16) rounds it, including results that are
+    # float32 subnormals (weight 1e-38), infinite ones (weight 3e38) and
+    # NaN. The float32 eval on the same (bfloat16-exact) input gives the
+    # unrounded result: both run the same float arithmetic.
+    x = torch.randn(shape, device=device).to(torch.bfloat16)
+    x[1, 4] = float("nan")
+    x = x.contiguous(memory_format=fmt)
+    weight = torch.tensor([1.0, 1e-38, 3e38, -2.5, 1e-37, 0.75], device=device)
+    bias = torch.tensor([0.0, 0.0, 0.0, 1.0, -1e-38, 0.0], device=device)
+    running_mean = torch.randn(6, device=device)
+    running_var = torch.rand(6, device=device) + 0.5
+    running_mean[2], running_var[2] = 0.0, 1.0  # a finite scale: inf only in y
+    args = (running_mean, running_var, weight, bias, False, 0.1, 1e-5)
+    y = bnext.functional.batch_norm(x, *args)
+    expected = bnext.functional.batch_norm(x.float(), *args).to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    subnormal = expected.float().abs() < torch.finfo(torch.float32).tiny
+    assert (subnormal & (expected != 0)).any() and expected.isinf().any()
+    torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)

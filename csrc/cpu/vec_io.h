@@ -88,6 +88,32 @@ struct VecIO {
   }
 };
 
+// Two float vectors rounded (to nearest even) into one half vector. With
+// AVX512_BF16 (setup.py), bfloat16 takes vcvtne2ps2bf16: one instruction
+// for 32 lanes where torch's emulation takes 14. Same-process A/B against
+// the emulation, speedup over torch (batch 32): bfloat16 eval 2048x7x7
+// NCHW 0.97x -> 1.46x, 128x28x28 channels_last 1.21x -> 1.77x; training
+// forward 1.30x -> 1.57x and 1.60x -> 1.72x; backward 3.11x -> 3.46x and
+// 1.50x -> 1.69x. That instruction treats subnormal inputs as zero (DAZ and
+// FTZ, whatever MXCSR says), so a vector holding any float32 subnormal
+// takes torch's exact path instead: results stay bitwise those of
+// torch's conversion for every finite and infinite input. NaN stays NaN
+// (the instruction keeps the sign and payload, torch writes 0xffff).
+template <typename scalar_t>
+BNEXT_IO Vectorized<scalar_t> round_from_float(const Vectorized<float>& lo, const Vectorized<float>& hi) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    constexpr int kSubnormal = 0x20;  // VFPCLASSPS category bit
+    const __mmask16 sub = _mm512_fpclass_ps_mask(lo, kSubnormal) |
+        _mm512_fpclass_ps_mask(hi, kSubnormal);
+    if (__builtin_expect(sub == 0, 1)) {
+      return Vectorized<scalar_t>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    }
+  }
+#endif
+  return at::vec::convert_from_float<scalar_t>(lo, hi);
+}
+
 template <typename scalar_t>
 struct VecIOHalf {
   using scalar_type = scalar_t;
@@ -102,7 +128,7 @@ struct VecIOHalf {
     out[1] = hi;
   }
   BNEXT_IO void store(scalar_t* p, const V* in) {
-    at::vec::convert_from_float<scalar_t>(in[0], in[1]).store(p);
+    round_from_float<scalar_t>(in[0], in[1]).store(p);
   }
   BNEXT_IO void load_n(const scalar_t* p, V* out, int64_t n) {
     const auto h = n == kStep ? Vectorized<scalar_t>::loadu(p)
@@ -112,7 +138,7 @@ struct VecIOHalf {
     out[1] = hi;
   }
   BNEXT_IO void store_n(scalar_t* p, const V* in, int64_t n, bool stream = false) {
-    const Vectorized<scalar_t> h = at::vec::convert_from_float<scalar_t>(in[0], in[1]);
+    const Vectorized<scalar_t> h = round_from_float<scalar_t>(in[0], in[1]);
     if (n == kStep) {
       store_vec(p, h, stream);
     } else {
