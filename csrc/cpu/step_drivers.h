@@ -259,16 +259,28 @@ struct PairLanes {
       }
     }
   }
-  // Flushes, then returns the horizontal totals (one channel's run).
-  std::pair<double, double> totals() {
-    flush();
-    double a = 0, b = 0;
+  // Adds other's sums (flushed) into this one's double lanes.
+  void merge(PairLanes& other) {
+    other.flush();
 #pragma GCC unroll 8
     for (int q = 0; q < Q; ++q) {
-      a += hsum(ds[q]);
-      b += hsum(dst[q]);
+      ds[q] = ds[q] + other.ds[q];
+      dst[q] = dst[q] + other.dst[q];
     }
-    return {a, b};
+  }
+  // Flushes, then returns the horizontal totals (one channel's run). The
+  // Q double lanes are added vertically first: one horizontal sum per
+  // total, not one per lane (a 14x14 bfloat16 plane's two chains took 16,
+  // as many instructions as summing the plane).
+  std::pair<double, double> totals() {
+    flush();
+    D a = ds[0], b = dst[0];
+#pragma GCC unroll 8
+    for (int q = 1; q < Q; ++q) {
+      a = a + ds[q];
+      b = b + dst[q];
+    }
+    return {hsum(a), hsum(b)};
   }
 };
 
@@ -306,8 +318,17 @@ void reduce_steps(
     coefs_l.broadcast(c, s);
     Lanes l0, l1;  // two independent chains hide FMA latency
     V g[P], t[P];
+    // Flushes only before a chain's ninth float term: a plane of a few
+    // dozen steps (14x14) is widened twice in all, at the end (merge,
+    // totals), not four times.
     int64_t i = 0;
+    int64_t pairs = 0;  // terms per lane in each chain since its flush
     while (i + 2 * K <= len) {
+      if (pairs == kFlushPairs) {
+        l0.flush();
+        l1.flush();
+      }
+      const int64_t start = i;
       const int64_t stop = std::min(len, i + 2 * K * kFlushPairs);
       for (; i + 2 * K <= stop; i += 2 * K) {
         step_l(offset + i, K, s, g, t);
@@ -315,12 +336,16 @@ void reduce_steps(
         step_l(offset + i + K, K, s, g, t);
         l1.add(g, t);
       }
+      pairs = (i - start) / (2 * K);
+    }
+    if (pairs == kFlushPairs && i < len) {
       l0.flush();
       l1.flush();
     }
-    for (; i + K <= len; i += K) {
+    if (i + K <= len) {  // at most one full step is left
       step_l(offset + i, K, s, g, t);
-      l0.add(g, t);
+      l1.add(g, t);
+      i += K;
     }
     if (i < len) {
       if (len >= K) {  // the last step ends at len (zero_lanes_below)
@@ -332,11 +357,11 @@ void reduce_steps(
       }
       l0.add(g, t);
     }
-    const auto [a0, b0] = l0.totals();
-    const auto [a1, b1] = l1.totals();
+    l0.merge(l1);
+    const auto [a, b] = l0.totals();
     double* part = partial.data() + static_cast<size_t>(tid) * 2 * Cpad;
-    part[c] += a0 + a1;
-    part[Cpad + c] += b0 + b1;
+    part[c] += a;
+    part[Cpad + c] += b;
   };
 
   // Vectors a step keeps live in the register walk: its coefficients and
