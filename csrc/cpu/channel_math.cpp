@@ -128,13 +128,15 @@ BackwardCoeffs backward_coeffs(
     if (!have_sums) {
       continue;
     }
-    const ChannelBackward r =
-        channel_backward(m[c], rm[c], km[c], is[c], pw[c], sdy[c], sxm[c], inv_n);
-    gw[c] = r.grad_weight;
-    gb[c] = r.grad_bias;
+    const double s = sdy[c];
+    const double sx = sxm[c] - (m[c] - rm[c]) * s;  // sum dy * (x - mean)
+    gw[c] = sx * is[c];
+    gb[c] = s;
     if (train) {
-      pb[c] = r.bx;
-      pk[c] = r.k;
+      // dx = w*invstd*(dy - mean(dy) - (x - mean)*invstd^2*mean(dy*(x - mean)))
+      const double b = -pw[c] * is[c] * is[c] * is[c] * sx * inv_n;
+      pb[c] = b;
+      pk[c] = -pw[c] * is[c] * s * inv_n - (m[c] - km[c]) * b;
     }
   }
   if (coeff_dtype != at::kDouble) {

@@ -38,22 +38,6 @@ NormalizeCoeffs normalize_coeffs(
     const at::Tensor& b,
     at::ScalarType acc);
 
-// One channel of a training backward with its sums, in double:
-// grad_input = dy * a + (x - kernel_mean) * bx + k, and the parameter
-// gradients. sum_dy_xmu was taken around reduce_mean.
-struct ChannelBackward {
-  double a, bx, k, grad_weight, grad_bias;
-};
-inline ChannelBackward channel_backward(
-    double mean, double reduce_mean, double kernel_mean, double invstd, double w,
-    double sum_dy, double sum_dy_xmu, double inv_n) {
-  const double sx = sum_dy_xmu - (mean - reduce_mean) * sum_dy;  // sum dy * (x - mean)
-  // dx = w*invstd*(dy - mean(dy) - (x - mean)*invstd^2*mean(dy*(x - mean)))
-  const double b = -w * invstd * invstd * invstd * sx * inv_n;
-  return {w * invstd, b, -w * invstd * sum_dy * inv_n - (mean - kernel_mean) * b, sx * invstd,
-          sum_dy};
-}
-
 // Backward in one place: grad_input = dy * a + (x - kernel_mean) * bx + k
 // and the grad_weight/grad_bias sums, from the float64 sums that the
 // reduction took around `reduce_mean`. a, bx, k come out in `coeff_dtype`.

@@ -32,23 +32,4 @@ void backward_elementwise(
     bool use_x,
     at::Tensor& dx);
 
-// Training backward of a planar (NCHW) input with every output, one
-// channel at a time: a task sums the channel's dy and x, derives its
-// coefficients (channel_backward) and writes its grad_input planes while
-// the channel's dy and x are still in L2, so they are read from memory
-// once, not twice (backward_reduce, then backward_elementwise). Returns
-// (grad_weight, grad_bias) in float64 and fills dx. mean float64,
-// mean_hi/invstd/w acc dtype; exact_f32 as backward_elementwise.
-constexpr int64_t kPlanarBackwardChannelsPerThread = 4;
-bool backward_planar_applies(const at::Tensor& x);
-std::tuple<at::Tensor, at::Tensor> backward_planar(
-    const at::Tensor& dy,
-    const at::Tensor& x,
-    const at::Tensor& mean,
-    const at::Tensor& mean_hi,
-    const at::Tensor& invstd,
-    const at::Tensor& w,
-    bool exact_f32,
-    at::Tensor& dx);
-
 }  // namespace bnext::cpu

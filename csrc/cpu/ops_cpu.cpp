@@ -108,15 +108,6 @@ batch_norm_backward(
   const bool has_weight = weight.has_value() && weight->defined();
   const at::ScalarType param_dtype = has_weight ? weight->scalar_type() : acc;
 
-  const bool exact_f32 = train && input.scalar_type() == at::kFloat;
-  if (train && output_mask[0] && backward_planar_applies(x)) {
-    Tensor dx = empty_output(input, fmt);
-    const auto [gw, gb] = backward_planar(
-        dy, x, mean, mean_hi, invstd.to(acc), channel_param(weight, C, acc, 1.0), exact_f32, dx);
-    return {dx, output_mask[1] ? optional<Tensor>(gw.to(param_dtype)) : std::nullopt,
-            output_mask[2] ? optional<Tensor>(gb.to(param_dtype)) : std::nullopt};
-  }
-
   const bool need_sums =
       output_mask[1] || output_mask[2] || (train && output_mask[0]);
   Tensor sum_dy, sum_dy_xmu;
@@ -126,6 +117,7 @@ batch_norm_backward(
   // float32 training grad_input is evaluated in double per element (see
   // backward_elementwise_f32_exact), so it gets float64 coefficients and
   // subtracts the float64 mean; other dtypes use acc-dtype coefficients.
+  const bool exact_f32 = train && input.scalar_type() == at::kFloat;
   const Tensor kernel_mean = exact_f32 ? mean : mean_hi;
   const BackwardCoeffs k = backward_coeffs(
       mean, mean_hi, kernel_mean, invstd, channel_param(weight, C, acc, 1.0),

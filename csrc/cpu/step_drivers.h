@@ -141,22 +141,6 @@ struct StepOutput {
   }
 };
 
-// One planar run of channel c: S elements at offset (elementwise_steps).
-template <int64_t K, typename Coefs, typename Step>
-BNEXT_STEP void plane_steps(
-    const Coefs& coefs, Step& step, int64_t c, int64_t offset, int64_t S, bool stream) {
-  typename Coefs::Set s;
-  coefs.broadcast(c, s);
-  if (S < K) {
-    step(offset, S, s, false);
-  } else {
-    // Streaming runs are whole lines, so whole steps (StepOutput::of).
-    int64_t i = 0;
-    for (; i + K <= S; i += K) step(offset + i, K, s, stream);
-    if (i < S) step(offset + S - K, K, s, false);
-  }
-}
-
 // step(i, n, set, stream) for steps covering every element; i is the
 // element offset of the step, and `stream` says whether its (full) store
 // may stream. A planar run of len >= K elements has only full steps: its
@@ -183,7 +167,17 @@ void elementwise_steps(
         // division per 7x7 plane costs as much as normalizing it.
         int64_t c = begin % L.C;
         for (int64_t p = begin; p < end; ++p) {
-          plane_steps<K>(coefs_l, step_l, c, p * S, S, stream);
+          const int64_t offset = p * S;
+          Set s;
+          coefs_l.broadcast(c, s);
+          if (S < K) {
+            step_l(offset, S, s, false);
+          } else {
+            // Streaming runs are whole lines, so whole steps (StepOutput::of).
+            int64_t i = 0;
+            for (; i + K <= S; i += K) step_l(offset + i, K, s, stream);
+            if (i < S) step_l(offset + S - K, K, s, false);
+          }
           if (++c == L.C) {
             c = 0;
           }
@@ -290,65 +284,6 @@ struct PairLanes {
   }
 };
 
-// sum(g) and sum(g * t) over one planar run of channel c (len elements at
-// offset) for reduce_steps, where step(i, n, set, g, t) yields P acc
-// vectors of g and t for a step (lanes past n must give g = 0).
-template <typename IO, typename Coefs, typename Step>
-BNEXT_STEP std::pair<double, double> run_pair_sums(
-    const Coefs& coefs, Step& step, int64_t c, int64_t offset, int64_t len) {
-  using acc_t = typename IO::acc_t;
-  using V = typename IO::V;
-  using Lanes = PairLanes<acc_t, IO::kParts>;
-  constexpr int P = IO::kParts;
-  constexpr int64_t K = IO::kStep;
-  constexpr int kFlushPairs = 8;  // two chains x 8 steps between flushes
-  typename Coefs::Set s;
-  coefs.broadcast(c, s);
-  Lanes l0, l1;  // two independent chains hide FMA latency
-  V g[P], t[P];
-  // Flushes only before a chain's ninth float term: a plane of a few
-  // dozen steps (14x14) is widened twice in all, at the end (merge,
-  // totals), not four times.
-  int64_t i = 0;
-  int64_t pairs = 0;  // terms per lane in each chain since its flush
-  while (i + 2 * K <= len) {
-    if (pairs == kFlushPairs) {
-      l0.flush();
-      l1.flush();
-    }
-    const int64_t start = i;
-    const int64_t stop = std::min(len, i + 2 * K * kFlushPairs);
-    for (; i + 2 * K <= stop; i += 2 * K) {
-      step(offset + i, K, s, g, t);
-      l0.add(g, t);
-      step(offset + i + K, K, s, g, t);
-      l1.add(g, t);
-    }
-    pairs = (i - start) / (2 * K);
-  }
-  if (pairs == kFlushPairs && i < len) {
-    l0.flush();
-    l1.flush();
-  }
-  if (i + K <= len) {  // at most one full step is left
-    step(offset + i, K, s, g, t);
-    l1.add(g, t);
-    i += K;
-  }
-  if (i < len) {
-    if (len >= K) {  // the last step ends at len (zero_lanes_below)
-      step(offset + len - K, K, s, g, t);
-      zero_step_lanes_below<P>(g, K - (len - i));
-      zero_step_lanes_below<P>(t, K - (len - i));  // 0 * inf would be NaN
-    } else {
-      step(offset + i, len - i, s, g, t);
-    }
-    l0.add(g, t);
-  }
-  l0.merge(l1);
-  return l0.totals();
-}
-
 // Per-channel sum(g) and sum(g * t) in float64, where step(i, n, set, g, t)
 // yields P acc vectors of g and t for a step (lanes past n must give g = 0).
 // Deterministic for a given thread count: fixed chunks, fixed combine order.
@@ -365,6 +300,7 @@ void reduce_steps(
   using Lanes = PairLanes<acc_t, IO::kParts>;
   constexpr int P = IO::kParts;
   constexpr int64_t K = IO::kStep;
+  constexpr int kFlushPairs = 8;  // two chains x 8 steps between flushes
   // Channels per small-plane block: their lanes (384 bytes each for
   // float32, 768 for bfloat16) stay within half of L1.
   constexpr int64_t kBlockLanes = 16384 / static_cast<int64_t>(sizeof(Lanes));
@@ -378,7 +314,51 @@ void reduce_steps(
   auto run = [&](int tid, int64_t c, int64_t offset, int64_t len) {
     const Coefs coefs_l = coefs;  // local copies: see elementwise_steps
     auto step_l = step;
-    const auto [a, b] = run_pair_sums<IO>(coefs_l, step_l, c, offset, len);
+    Set s;
+    coefs_l.broadcast(c, s);
+    Lanes l0, l1;  // two independent chains hide FMA latency
+    V g[P], t[P];
+    // Flushes only before a chain's ninth float term: a plane of a few
+    // dozen steps (14x14) is widened twice in all, at the end (merge,
+    // totals), not four times.
+    int64_t i = 0;
+    int64_t pairs = 0;  // terms per lane in each chain since its flush
+    while (i + 2 * K <= len) {
+      if (pairs == kFlushPairs) {
+        l0.flush();
+        l1.flush();
+      }
+      const int64_t start = i;
+      const int64_t stop = std::min(len, i + 2 * K * kFlushPairs);
+      for (; i + 2 * K <= stop; i += 2 * K) {
+        step_l(offset + i, K, s, g, t);
+        l0.add(g, t);
+        step_l(offset + i + K, K, s, g, t);
+        l1.add(g, t);
+      }
+      pairs = (i - start) / (2 * K);
+    }
+    if (pairs == kFlushPairs && i < len) {
+      l0.flush();
+      l1.flush();
+    }
+    if (i + K <= len) {  // at most one full step is left
+      step_l(offset + i, K, s, g, t);
+      l1.add(g, t);
+      i += K;
+    }
+    if (i < len) {
+      if (len >= K) {  // the last step ends at len (zero_lanes_below)
+        step_l(offset + len - K, K, s, g, t);
+        zero_step_lanes_below<P>(g, K - (len - i));
+        zero_step_lanes_below<P>(t, K - (len - i));  // 0 * inf would be NaN
+      } else {
+        step_l(offset + i, len - i, s, g, t);
+      }
+      l0.add(g, t);
+    }
+    l0.merge(l1);
+    const auto [a, b] = l0.totals();
     double* part = partial.data() + static_cast<size_t>(tid) * 2 * Cpad;
     part[c] += a;
     part[Cpad + c] += b;
