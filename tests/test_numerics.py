@@ -190,3 +190,16 @@ def test_bfloat16_output_rounds_like_torch(shape, fmt, device):
     subnormal = expected.float().abs() < torch.finfo(torch.float32).tiny
     assert (subnormal & (expected != 0)).any() and expected.isinf().any()
     torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("channels", [2048, 2049])
+def test_eval_coefficients_beyond_stack_room(channels, device):
+    # Eval coefficients of up to 2048 channels live on the op's stack
+    # (EvalScratch), more on the heap: both must give torch's result.
+    x = torch.randn(3, channels, 5, device=device)
+    running_mean = torch.randn(channels, device=device)
+    running_var = torch.rand(channels, device=device) + 0.1
+    weight = torch.randn(channels, device=device)
+    bias = torch.randn(channels, device=device)
+    args = (running_mean, running_var, weight, bias, False, 0.1, 1e-5)
+    assert_close(bnext.functional.batch_norm(x, *args), F.batch_norm(x, *args))

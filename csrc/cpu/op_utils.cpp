@@ -1,6 +1,10 @@
 #include "op_utils.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
+
+#include <cmath>
 
 #include "../checks.h"
 #include "kernels.h"
@@ -28,13 +32,41 @@ NormalizeCoeffs eval_normalization(
     const at::Tensor& running_var,
     const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias,
-    double eps) {
+    double eps,
+    EvalScratch& scratch) {
   const int64_t C = input.size(1);
   const at::ScalarType acc = acc_dtype(input.scalar_type());
-  const at::Tensor invstd = invstd_from_var(channel_param(running_var, C, acc, 1.0), eps);
-  return normalize_coeffs(
-      channel_param(running_mean, C, at::kDouble, 0.0), invstd,
-      channel_param(weight, C, acc, 1.0), channel_param(bias, C, acc, 0.0), acc);
+  // Running statistics and parameters are in the acc dtype (checked), so
+  // these are views, not copies.
+  const at::Tensor mean = channel_param(running_mean, C, acc, 0.0);
+  const at::Tensor var = channel_param(running_var, C, acc, 1.0);
+  const at::Tensor w = channel_param(weight, C, acc, 1.0);
+  const at::Tensor b = channel_param(bias, C, acc, 0.0);
+  const auto opts = at::TensorOptions().dtype(acc);
+  const bool on_stack = C <= EvalScratch::kChannels;
+  NormalizeCoeffs out{mean,
+                      on_stack ? at::from_blob(scratch.alpha, {C}, opts) : at::empty({C}, opts),
+                      on_stack ? at::from_blob(scratch.beta, {C}, opts) : at::empty({C}, opts)};
+  // invstd_from_var and normalize_coeffs, per channel, bitwise the same
+  // results: mean's float64 remainder (lo) is 0 here, but stays in the
+  // formula, as an infinite alpha gave beta = 0 * inf = NaN there.
+  AT_DISPATCH_FLOATING_TYPES(acc, "bnext_eval_coeffs", [&] {
+    const scalar_t* m = mean.const_data_ptr<scalar_t>();
+    const scalar_t* v = var.const_data_ptr<scalar_t>();
+    const scalar_t* pw = w.const_data_ptr<scalar_t>();
+    const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    scalar_t* alpha = out.alpha.mutable_data_ptr<scalar_t>();
+    scalar_t* beta = out.beta.mutable_data_ptr<scalar_t>();
+    const scalar_t e = static_cast<scalar_t>(eps);
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t invstd = scalar_t(1) / std::sqrt(v[c] + e);
+      const double md = static_cast<double>(m[c]);
+      const double lo = md - static_cast<double>(static_cast<scalar_t>(md));
+      alpha[c] = invstd * pw[c];
+      beta[c] = static_cast<scalar_t>(static_cast<double>(pb[c]) - lo * static_cast<double>(alpha[c]));
+    }
+  });
+  return out;
 }
 
 std::pair<at::Tensor, at::Tensor> backward_statistics(

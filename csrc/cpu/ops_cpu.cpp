@@ -46,8 +46,9 @@ Tensor batch_norm_eval(
   check_eps(eps, /*training=*/false);
   const at::MemoryFormat fmt = output_memory_format(input);
   const Tensor x = input.contiguous(fmt);
+  EvalScratch scratch;
   const NormalizeCoeffs k =
-      eval_normalization(input, running_mean, running_var, weight, bias, eps);
+      eval_normalization(input, running_mean, running_var, weight, bias, eps, scratch);
   Tensor out = empty_output(input, fmt);
   normalize_act(x, Tensor(), k.mean_hi, k.alpha, k.beta, kIdentity, out);
   return out;

@@ -75,8 +75,9 @@ Tensor batch_norm_act_eval(
   const ActSpec spec = act_spec(activation, negative_slope, memory_saving, weight);
   const at::MemoryFormat fmt = output_memory_format(input);
   const Tensor x = input.contiguous(fmt);
+  EvalScratch scratch;
   const NormalizeCoeffs k =
-      eval_normalization(input, running_mean, running_var, weight, bias, eps);
+      eval_normalization(input, running_mean, running_var, weight, bias, eps, scratch);
   Tensor out = empty_output(input, fmt);
   normalize_act(x, dense_or_undefined(residual, fmt), k.mean_hi, k.alpha, k.beta, spec, out);
   return out;
