@@ -190,6 +190,8 @@ def test_bfloat16_output_rounds_like_torch(shape, fmt, device):
     subnormal = expected.float().abs() < torch.finfo(torch.float32).tiny
     assert (subnormal & (expected != 0)).any() and expected.isinf().any()
     torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+    # And against torch's own eval of the same values.
+    assert_close(y, F.batch_norm(x.float(), *args), equal_nan=True)
 
 
 @pytest.mark.parametrize("channels", [2048, 2049])

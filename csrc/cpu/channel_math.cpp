@@ -46,7 +46,7 @@ at::Tensor invstd_from_var(const at::Tensor& var, double eps) {
     using T = decltype(tag);
     const T* v = var.const_data_ptr<T>();
     const T e = static_cast<T>(eps);
-    return [=](int64_t i) { return T(1) / std::sqrt(v[i] + e); };
+    return [=](int64_t i) { return invstd_of(v[i], e); };
   });
 }
 
@@ -78,10 +78,10 @@ NormalizeCoeffs normalize_coeffs(
     scalar_t* alpha = out.alpha.mutable_data_ptr<scalar_t>();
     scalar_t* beta = out.beta.mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {
-      hi[c] = static_cast<scalar_t>(m[c]);
-      const double lo = m[c] - static_cast<double>(hi[c]);
-      alpha[c] = is[c] * pw[c];
-      beta[c] = static_cast<scalar_t>(static_cast<double>(pb[c]) - lo * static_cast<double>(alpha[c]));
+      const ChannelNormalize<scalar_t> k = channel_normalize(m[c], is[c], pw[c], pb[c]);
+      hi[c] = k.mean_hi;
+      alpha[c] = k.alpha;
+      beta[c] = k.beta;
     }
   });
   return out;

@@ -8,6 +8,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -21,6 +22,10 @@ at::Tensor channel_param(
     double fill);
 
 // invstd = 1 / sqrt(var + eps), in var's dtype.
+template <typename T>
+inline T invstd_of(T var, T eps) {
+  return T(1) / std::sqrt(var + eps);
+}
 at::Tensor invstd_from_var(const at::Tensor& var, double eps);
 
 // var * n / (n - 1): Bessel's correction for the running variance.
@@ -31,6 +36,19 @@ at::Tensor unbiased_from_biased(const at::Tensor& var, int64_t n);
 struct NormalizeCoeffs {
   at::Tensor mean_hi, alpha, beta;
 };
+// One channel of them, in T: mean_hi = T(mean); the float64 remainder
+// mean - mean_hi is folded into beta.
+template <typename T>
+struct ChannelNormalize {
+  T mean_hi, alpha, beta;
+};
+template <typename T>
+inline ChannelNormalize<T> channel_normalize(double mean, T invstd, T w, T b) {
+  const T hi = static_cast<T>(mean);
+  const double lo = mean - static_cast<double>(hi);
+  const T alpha = invstd * w;
+  return {hi, alpha, static_cast<T>(static_cast<double>(b) - lo * static_cast<double>(alpha))};
+}
 NormalizeCoeffs normalize_coeffs(
     const at::Tensor& mean,
     const at::Tensor& invstd,

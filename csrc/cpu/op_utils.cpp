@@ -4,8 +4,6 @@
 #include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
 
-#include <cmath>
-
 #include "../checks.h"
 #include "kernels.h"
 
@@ -47,9 +45,8 @@ NormalizeCoeffs eval_normalization(
   NormalizeCoeffs out{mean,
                       on_stack ? at::from_blob(scratch.alpha, {C}, opts) : at::empty({C}, opts),
                       on_stack ? at::from_blob(scratch.beta, {C}, opts) : at::empty({C}, opts)};
-  // invstd_from_var and normalize_coeffs, per channel, bitwise the same
-  // results: mean's float64 remainder (lo) is 0 here, but stays in the
-  // formula, as an infinite alpha gave beta = 0 * inf = NaN there.
+  // invstd_from_var and normalize_coeffs per channel, without their
+  // tensors. mean_hi is running_mean: T(double(m)) == m.
   AT_DISPATCH_FLOATING_TYPES(acc, "bnext_eval_coeffs", [&] {
     const scalar_t* m = mean.const_data_ptr<scalar_t>();
     const scalar_t* v = var.const_data_ptr<scalar_t>();
@@ -59,11 +56,10 @@ NormalizeCoeffs eval_normalization(
     scalar_t* beta = out.beta.mutable_data_ptr<scalar_t>();
     const scalar_t e = static_cast<scalar_t>(eps);
     for (int64_t c = 0; c < C; ++c) {
-      const scalar_t invstd = scalar_t(1) / std::sqrt(v[c] + e);
-      const double md = static_cast<double>(m[c]);
-      const double lo = md - static_cast<double>(static_cast<scalar_t>(md));
-      alpha[c] = invstd * pw[c];
-      beta[c] = static_cast<scalar_t>(static_cast<double>(pb[c]) - lo * static_cast<double>(alpha[c]));
+      const ChannelNormalize<scalar_t> k =
+          channel_normalize(static_cast<double>(m[c]), invstd_of(v[c], e), pw[c], pb[c]);
+      alpha[c] = k.alpha;
+      beta[c] = k.beta;
     }
   });
   return out;

@@ -32,8 +32,9 @@ TrainNormalization train_normalization(
     double eps);
 
 // Stack room for the eval coefficients (alpha, beta) of up to kChannels
-// channels, so that an eval allocates nothing on the heap but its output.
-// Its five per-channel tensors (8-16 KB each at 2048 channels), allocated
+// channels, so that an eval with weight and bias allocates no per-channel
+// buffer on the heap, only its output (and small tensor headers). Its five
+// per-channel tensors (8-16 KB each at 2048 channels), allocated
 // before the output and freed after it, shifted the free block glibc
 // handed the output from call to call: torch's own eval, given the same
 // five allocations first, went from 1-2 output blocks to 3-5 and ran 8-10%

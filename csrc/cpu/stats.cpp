@@ -18,7 +18,6 @@
 #include <vector>
 
 #include "../checks.h"
-#include "cache_policy.h"
 #include "kernels.h"
 #include "layout.h"
 #include "vec_io.h"
