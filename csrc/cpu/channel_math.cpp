@@ -4,7 +4,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
-#include <ATen/ops/zeros.h>
 
 #include <cmath>
 
@@ -87,6 +86,33 @@ NormalizeCoeffs normalize_coeffs(
   return out;
 }
 
+namespace {
+
+// A (C,) float32 or float64 tensor read as double: the backward's inputs
+// come in either acc dtype, and converting them first cost a tensor
+// allocation and a dispatched copy each (four per backward).
+class ChannelValues {
+ public:
+  explicit ChannelValues(const at::Tensor& t) {
+    if (t.scalar_type() == at::kDouble) {
+      d_ = t.const_data_ptr<double>();
+    } else {
+      TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kFloat, "bnext: per-channel ",
+                            t.scalar_type(), " where float32 or float64 was expected");
+      f_ = t.const_data_ptr<float>();
+    }
+  }
+  double operator[](int64_t i) const {
+    return d_ != nullptr ? d_[i] : static_cast<double>(f_[i]);
+  }
+
+ private:
+  const float* f_ = nullptr;
+  const double* d_ = nullptr;
+};
+
+}  // namespace
+
 BackwardCoeffs backward_coeffs(
     const at::Tensor& mean,
     const at::Tensor& reduce_mean,
@@ -97,64 +123,70 @@ BackwardCoeffs backward_coeffs(
     const at::Tensor& sum_dy_xmu,
     int64_t n,
     bool train,
-    at::ScalarType coeff_dtype) {
+    at::ScalarType coeff_dtype,
+    at::ScalarType grad_dtype) {
   const int64_t C = mean.numel();
-  const auto d_opts = mean.options().dtype(at::kDouble);
   const bool have_sums = sum_dy.defined();
+  // Gradients are written in their dtype when it is float32 or float64;
+  // otherwise in float64 and converted at the end.
+  const bool grad_direct = grad_dtype == at::kFloat || grad_dtype == at::kDouble;
+  const at::ScalarType grad_store = grad_direct ? grad_dtype : at::kDouble;
+  const auto c_opts = mean.options().dtype(coeff_dtype);
+  const auto g_opts = mean.options().dtype(grad_store);
+  BackwardCoeffs out{at::empty({C}, c_opts), at::empty({C}, c_opts), at::empty({C}, c_opts),
+                     at::empty({have_sums ? C : 0}, g_opts),
+                     at::empty({have_sums ? C : 0}, g_opts)};
   // Everything per channel in double; the centres' offsets from the exact
   // mean are folded into the constant terms.
-  const at::Tensor rmean = reduce_mean.to(at::kDouble);
-  const at::Tensor kmean = kernel_mean.to(at::kDouble);
-  const at::Tensor invs_d = invstd.to(at::kDouble);
-  const at::Tensor w_d = w.to(at::kDouble);
-  at::Tensor a = at::empty({C}, d_opts), bx = at::zeros({C}, d_opts), k = at::zeros({C}, d_opts);
-  BackwardCoeffs out{a, bx, k, at::empty({have_sums ? C : 0}, d_opts),
-                     at::empty({have_sums ? C : 0}, d_opts)};
   const double* m = mean.const_data_ptr<double>();
-  const double* rm = rmean.const_data_ptr<double>();
-  const double* km = kmean.const_data_ptr<double>();
-  const double* is = invs_d.const_data_ptr<double>();
-  const double* pw = w_d.const_data_ptr<double>();
+  const ChannelValues rm(reduce_mean), km(kernel_mean), is(invstd), pw(w);
   const double* sdy = have_sums ? sum_dy.const_data_ptr<double>() : nullptr;
   const double* sxm = have_sums ? sum_dy_xmu.const_data_ptr<double>() : nullptr;
-  double* pa = a.mutable_data_ptr<double>();
-  double* pb = bx.mutable_data_ptr<double>();
-  double* pk = k.mutable_data_ptr<double>();
-  double* gw = have_sums ? out.grad_weight.mutable_data_ptr<double>() : nullptr;
-  double* gb = have_sums ? out.grad_bias.mutable_data_ptr<double>() : nullptr;
   const double inv_n = 1.0 / static_cast<double>(n);
-  for (int64_t c = 0; c < C; ++c) {
-    pa[c] = pw[c] * is[c];
-    if (!have_sums) {
-      continue;
-    }
-    const double s = sdy[c];
-    const double sx = sxm[c] - (m[c] - rm[c]) * s;  // sum dy * (x - mean)
-    gw[c] = sx * is[c];
-    gb[c] = s;
-    if (train) {
-      // dx = w*invstd*(dy - mean(dy) - (x - mean)*invstd^2*mean(dy*(x - mean)))
-      const double b = -pw[c] * is[c] * is[c] * is[c] * sx * inv_n;
-      pb[c] = b;
-      pk[c] = -pw[c] * is[c] * s * inv_n - (m[c] - km[c]) * b;
-    }
-  }
-  if (coeff_dtype != at::kDouble) {
-    out.a = a.to(coeff_dtype);
-    out.bx = bx.to(coeff_dtype);
-    out.k = k.to(coeff_dtype);
+  AT_DISPATCH_FLOATING_TYPES(coeff_dtype, "bnext_backward_coeffs", [&] {
+    using coef_t = scalar_t;
+    coef_t* pa = out.a.mutable_data_ptr<coef_t>();
+    coef_t* pb = out.bx.mutable_data_ptr<coef_t>();
+    coef_t* pk = out.k.mutable_data_ptr<coef_t>();
+    AT_DISPATCH_FLOATING_TYPES(grad_store, "bnext_backward_grads", [&] {
+      using grad_t = scalar_t;
+      grad_t* gw = have_sums ? out.grad_weight.mutable_data_ptr<grad_t>() : nullptr;
+      grad_t* gb = have_sums ? out.grad_bias.mutable_data_ptr<grad_t>() : nullptr;
+      for (int64_t c = 0; c < C; ++c) {
+        const double wc = pw[c], isc = is[c];
+        pa[c] = static_cast<coef_t>(wc * isc);
+        double b = 0.0, k = 0.0;
+        if (have_sums) {
+          const double s = sdy[c];
+          const double sx = sxm[c] - (m[c] - rm[c]) * s;  // sum dy * (x - mean)
+          gw[c] = static_cast<grad_t>(sx * isc);
+          gb[c] = static_cast<grad_t>(s);
+          if (train) {
+            // dx = w*invstd*(dy - mean(dy) - (x - mean)*invstd^2*mean(dy*(x - mean)))
+            b = -wc * isc * isc * isc * sx * inv_n;
+            k = -wc * isc * s * inv_n - (m[c] - km[c]) * b;
+          }
+        }
+        pb[c] = static_cast<coef_t>(b);
+        pk[c] = static_cast<coef_t>(k);
+      }
+    });
+  });
+  if (!grad_direct && have_sums) {
+    out.grad_weight = out.grad_weight.to(grad_dtype);
+    out.grad_bias = out.grad_bias.to(grad_dtype);
   }
   return out;
 }
 
 namespace {
 
-template <typename run_t, typename stat_t>
+template <typename run_t, typename mean_t, typename var_t>
 void update_running_inplace(
     run_t* rm,
     run_t* rv,
-    const stat_t* mean,
-    const stat_t* var,
+    const mean_t* mean,
+    const var_t* var,
     int64_t C,
     double factor) {
   for (int64_t c = 0; c < C; ++c) {
@@ -164,6 +196,18 @@ void update_running_inplace(
         factor * static_cast<double>(var[c]);
     rm[c] = static_cast<run_t>(m);
     rv[c] = static_cast<run_t>(v);
+  }
+}
+
+// Calls fn(T{}) with T = float or double, the dtype of `t`.
+template <typename Fn>
+void with_stat_type(const at::Tensor& t, Fn&& fn) {
+  if (t.scalar_type() == at::kDouble) {
+    fn(double{});
+  } else {
+    TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kFloat, "bnext: batch statistics in ",
+                          t.scalar_type(), " where float32 or float64 was expected");
+    fn(float{});
   }
 }
 
@@ -183,17 +227,16 @@ void update_running(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, rm.scalar_type(), "bnext_update_running", [&] {
         using run_t = scalar_t;
-        if (batch_mean.scalar_type() == at::kDouble) {
-          update_running_inplace<run_t, double>(
-              rm.mutable_data_ptr<run_t>(), rv.mutable_data_ptr<run_t>(),
-              batch_mean.const_data_ptr<double>(),
-              batch_unbiased_var.const_data_ptr<double>(), C, factor);
-        } else {
-          update_running_inplace<run_t, float>(
-              rm.mutable_data_ptr<run_t>(), rv.mutable_data_ptr<run_t>(),
-              batch_mean.const_data_ptr<float>(),
-              batch_unbiased_var.const_data_ptr<float>(), C, factor);
-        }
+        with_stat_type(batch_mean, [&](auto mean_tag) {
+          using mean_t = decltype(mean_tag);
+          with_stat_type(batch_unbiased_var, [&](auto var_tag) {
+            using var_t = decltype(var_tag);
+            update_running_inplace<run_t, mean_t, var_t>(
+                rm.mutable_data_ptr<run_t>(), rv.mutable_data_ptr<run_t>(),
+                batch_mean.const_data_ptr<mean_t>(), batch_unbiased_var.const_data_ptr<var_t>(),
+                C, factor);
+          });
+        });
       });
   if (!rm.is_same(running_mean)) {
     running_mean.copy_(rm);

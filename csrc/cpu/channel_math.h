@@ -58,26 +58,29 @@ NormalizeCoeffs normalize_coeffs(
 
 // Backward in one place: grad_input = dy * a + (x - kernel_mean) * bx + k
 // and the grad_weight/grad_bias sums, from the float64 sums that the
-// reduction took around `reduce_mean`. a, bx, k come out in `coeff_dtype`.
+// reduction took around `reduce_mean`, all computed in float64. a, bx, k
+// come out in `coeff_dtype`, the gradients in `grad_dtype` (the weight's).
 struct BackwardCoeffs {
   at::Tensor a, bx, k;       // (C,) coeff_dtype: grad_input coefficients
-  at::Tensor grad_weight;    // (C,) float64: sum dy * (x - mean) * invstd
-  at::Tensor grad_bias;      // (C,) float64: sum dy
+  at::Tensor grad_weight;    // (C,) grad_dtype: sum dy * (x - mean) * invstd
+  at::Tensor grad_bias;      // (C,) grad_dtype: sum dy
 };
 BackwardCoeffs backward_coeffs(
     const at::Tensor& mean,         // float64
-    const at::Tensor& reduce_mean,  // centre of sum_dy_xmu (any float dtype)
+    const at::Tensor& reduce_mean,  // centre of sum_dy_xmu (float32/64)
     const at::Tensor& kernel_mean,  // centre the elementwise kernel subtracts
-    const at::Tensor& invstd,       // acc
-    const at::Tensor& w,            // acc
+    const at::Tensor& invstd,       // acc (float32/64)
+    const at::Tensor& w,            // acc (float32/64)
     const at::Tensor& sum_dy,       // float64, may be undefined if unused
     const at::Tensor& sum_dy_xmu,   // float64, may be undefined
     int64_t n,
     bool train,
-    at::ScalarType coeff_dtype);
+    at::ScalarType coeff_dtype,
+    at::ScalarType grad_dtype);
 
 // running = (1 - f) * running + f * batch for mean and var together. Both new
-// values are computed before either buffer is written.
+// values are computed before either buffer is written. batch_mean and
+// batch_unbiased_var are float32 or float64, each in its own dtype.
 void update_running(
     at::Tensor& running_mean,
     at::Tensor& running_var,

@@ -29,8 +29,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train(
   check_eps(eps, /*training=*/true);
   const at::MemoryFormat fmt = output_memory_format(input);
   const Tensor x = input.contiguous(fmt);
-  const TrainNormalization t = train_normalization(x, weight, bias, eps);
+  // The output first: see empty_output.
   Tensor out = empty_output(input, fmt);
+  const TrainNormalization t = train_normalization(x, weight, bias, eps);
   normalize_act(x, Tensor(), t.k.mean_hi, t.k.alpha, t.k.beta, kIdentity, out);
   return {out, t.mean, t.invstd, t.unbiased_var};
 }
@@ -73,12 +74,13 @@ void update_running_stats(
         "positive for a cumulative average, got ", count);
     factor = 1.0 / static_cast<double>(count);
   }
-  // Statistics in double stay double; anything else is read as float32.
-  const at::ScalarType acc =
-      save_mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  update_running(
-      running_mean, running_var, save_mean.to(acc).contiguous(),
-      unbiased_var.to(acc).contiguous(), factor);
+  // Statistics in float32 or float64 are read as they are (the training
+  // op gives a float64 mean and an acc-dtype variance); others as float32.
+  auto as_stat = [](const Tensor& t) {
+    const bool direct = t.scalar_type() == at::kDouble || t.scalar_type() == at::kFloat;
+    return (direct ? t : t.to(at::kFloat)).contiguous();
+  };
+  update_running(running_mean, running_var, as_stat(save_mean), as_stat(unbiased_var), factor);
 }
 
 std::tuple<optional<Tensor>, optional<Tensor>, optional<Tensor>>
@@ -98,6 +100,8 @@ batch_norm_backward(
   const at::MemoryFormat fmt = output_memory_format(input);
   const Tensor x = input.contiguous(fmt);
   const Tensor dy = grad_output.contiguous(fmt);
+  // The output first: see empty_output.
+  Tensor dx = output_mask[0] ? empty_output(input, fmt) : Tensor();
   const int64_t C = input.size(1);
   const int64_t n = per_channel_count(input);
   const at::ScalarType acc = acc_dtype(input.scalar_type());
@@ -122,19 +126,18 @@ batch_norm_backward(
   const Tensor kernel_mean = exact_f32 ? mean : mean_hi;
   const BackwardCoeffs k = backward_coeffs(
       mean, mean_hi, kernel_mean, invstd, channel_param(weight, C, acc, 1.0),
-      sum_dy, sum_dy_xmu, n, train, exact_f32 ? at::kDouble : acc);
+      sum_dy, sum_dy_xmu, n, train, exact_f32 ? at::kDouble : acc, param_dtype);
 
   optional<Tensor> grad_input, grad_weight, grad_bias;
   if (output_mask[0]) {
-    Tensor dx = empty_output(input, fmt);
     backward_elementwise(dy, x, kernel_mean, k.a, k.bx, k.k, /*use_x=*/train, dx);
     grad_input = dx;
   }
   if (output_mask[1]) {
-    grad_weight = k.grad_weight.to(param_dtype);
+    grad_weight = k.grad_weight;
   }
   if (output_mask[2]) {
-    grad_bias = k.grad_bias.to(param_dtype);
+    grad_bias = k.grad_bias;
   }
   return {grad_input, grad_weight, grad_bias};
 }

@@ -52,8 +52,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_train(
   const ActSpec spec = act_spec(activation, negative_slope, memory_saving, weight);
   const at::MemoryFormat fmt = output_memory_format(input);
   const Tensor x = input.contiguous(fmt);
+  Tensor out = empty_output(input, fmt);  // first: see empty_output
   const TrainNormalization t = train_normalization(x, weight, bias, eps);
-  Tensor out = empty_output(input, fmt);
   normalize_act(x, dense_or_undefined(residual, fmt), t.k.mean_hi, t.k.alpha, t.k.beta, spec, out);
   return {out, t.mean, t.invstd, t.unbiased_var};
 }
@@ -108,6 +108,7 @@ batch_norm_act_backward(
   const Tensor s = saved.contiguous(fmt);
   const Tensor dy = grad_output.contiguous(fmt);
   const Tensor r = dense_or_undefined(residual, fmt);
+  Tensor dx = output_mask[0] ? empty_output(saved, fmt) : Tensor();  // first: see empty_output
   const int64_t C = saved.size(1);
   const at::ScalarType acc = acc_dtype(saved.scalar_type());
   const auto [mean, invstd] = backward_statistics(
@@ -149,18 +150,17 @@ batch_norm_act_backward(
       sum_gt = sum_gt * x_per_t;  // now sum g * (x - mean)
     }
   }
+  const at::ScalarType param_dtype = has(weight) ? weight->scalar_type() : acc;
   const Tensor& centre = saved_is_output ? mean : mean_hi;
   BackwardCoeffs k = backward_coeffs(
       mean, centre, centre, invstd, w, sum_g, sum_gt, per_channel_count(saved), train,
-      at::kDouble);
+      at::kDouble, param_dtype);
   if (saved_is_output) {
     k.bx = k.bx * x_per_t;  // coefficient of t instead of (x - mean)
   }
 
-  const at::ScalarType param_dtype = has(weight) ? weight->scalar_type() : acc;
   optional<Tensor> grad_input, grad_residual, grad_weight, grad_bias;
   if (output_mask[0]) {
-    Tensor dx = empty_output(saved, fmt);
     act_backward_elementwise(dy, src, g, k.a, k.bx, k.k, dx);
     grad_input = dx;
   }
@@ -169,10 +169,10 @@ batch_norm_act_backward(
     grad_residual = g;
   }
   if (output_mask[2]) {
-    grad_weight = k.grad_weight.to(param_dtype);
+    grad_weight = k.grad_weight;
   }
   if (output_mask[3]) {
-    grad_bias = k.grad_bias.to(param_dtype);
+    grad_bias = k.grad_bias;
   }
   return {grad_input, grad_residual, grad_weight, grad_bias};
 }
