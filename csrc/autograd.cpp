@@ -106,6 +106,9 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, save_mean, save_invstd, unbiased_var] = op.call(input, weight, bias, eps);
     ctx->mark_non_differentiable({save_mean, save_invstd, unbiased_var});
+    // The statistics get no gradient, and backward handles an undefined
+    // grad_output: no zero tensors for the engine to allocate and fill.
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({input, value(weight), value(bias), save_mean, save_invstd});
     ctx->saved_data["eps"] = eps;
     return {out, save_mean, save_invstd, unbiased_var};

@@ -15,11 +15,15 @@ inline int64_t per_channel_count(const at::Tensor& input) {
   return input.size(1) == 0 ? 0 : input.numel() / input.size(1);
 }
 
-// An op allocates its input-sized output before any per-channel tensor:
-// small tensors allocated first and freed after the output made glibc hand
-// the output a different free block from call to call (see EvalScratch),
-// which costs cache and TLB misses on tensors that would otherwise stay
-// resident. torch's own kernels allocate their output first too.
+// An op allocates its input-sized output before any per-channel tensor, as
+// torch's kernels do. Small tensors allocated before the output and freed
+// after it can make glibc hand the output a different free block from call
+// to call (see EvalScratch), and an output that moves around costs cache
+// misses an in-cache tensor would not have. Measured for the training
+// forward (module, float32 NCHW 128x28x28 / 2048x7x7 / 512x14x14, 40
+// calls, three processes): 2-6 distinct output blocks before, 1-3 after
+// (one process 7), torch 1-5. For the eval, output-first alone did not
+// bring the counts to torch's; EvalScratch (no per-channel tensors) did.
 inline at::Tensor empty_output(const at::Tensor& input, at::MemoryFormat fmt) {
   return at::empty(input.sizes(), input.options().memory_format(fmt));
 }
