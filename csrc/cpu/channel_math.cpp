@@ -89,8 +89,8 @@ NormalizeCoeffs normalize_coeffs(
 namespace {
 
 // A (C,) float32 or float64 tensor read as double: the backward's inputs
-// come in either acc dtype, and converting them first cost a tensor
-// allocation and a dispatched copy each (four per backward).
+// and the batch statistics come in either dtype, and converting them first
+// cost a tensor allocation and a dispatched copy each (four per backward).
 class ChannelValues {
  public:
   explicit ChannelValues(const at::Tensor& t) {
@@ -181,33 +181,19 @@ BackwardCoeffs backward_coeffs(
 
 namespace {
 
-template <typename run_t, typename mean_t, typename var_t>
+template <typename run_t>
 void update_running_inplace(
     run_t* rm,
     run_t* rv,
-    const mean_t* mean,
-    const var_t* var,
+    const ChannelValues& mean,
+    const ChannelValues& var,
     int64_t C,
     double factor) {
   for (int64_t c = 0; c < C; ++c) {
-    const double m = (1.0 - factor) * static_cast<double>(rm[c]) +
-        factor * static_cast<double>(mean[c]);
-    const double v = (1.0 - factor) * static_cast<double>(rv[c]) +
-        factor * static_cast<double>(var[c]);
+    const double m = (1.0 - factor) * static_cast<double>(rm[c]) + factor * mean[c];
+    const double v = (1.0 - factor) * static_cast<double>(rv[c]) + factor * var[c];
     rm[c] = static_cast<run_t>(m);
     rv[c] = static_cast<run_t>(v);
-  }
-}
-
-// Calls fn(T{}) with T = float or double, the dtype of `t`.
-template <typename Fn>
-void with_stat_type(const at::Tensor& t, Fn&& fn) {
-  if (t.scalar_type() == at::kDouble) {
-    fn(double{});
-  } else {
-    TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kFloat, "bnext: batch statistics in ",
-                          t.scalar_type(), " where float32 or float64 was expected");
-    fn(float{});
   }
 }
 
@@ -226,17 +212,9 @@ void update_running(
   const int64_t C = batch_mean.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, rm.scalar_type(), "bnext_update_running", [&] {
-        using run_t = scalar_t;
-        with_stat_type(batch_mean, [&](auto mean_tag) {
-          using mean_t = decltype(mean_tag);
-          with_stat_type(batch_unbiased_var, [&](auto var_tag) {
-            using var_t = decltype(var_tag);
-            update_running_inplace<run_t, mean_t, var_t>(
-                rm.mutable_data_ptr<run_t>(), rv.mutable_data_ptr<run_t>(),
-                batch_mean.const_data_ptr<mean_t>(), batch_unbiased_var.const_data_ptr<var_t>(),
-                C, factor);
-          });
-        });
+        update_running_inplace<scalar_t>(
+            rm.mutable_data_ptr<scalar_t>(), rv.mutable_data_ptr<scalar_t>(),
+            ChannelValues(batch_mean), ChannelValues(batch_unbiased_var), C, factor);
       });
   if (!rm.is_same(running_mean)) {
     running_mean.copy_(rm);
