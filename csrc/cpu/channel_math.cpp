@@ -153,22 +153,16 @@ BackwardCoeffs backward_coeffs(
       grad_t* gw = have_sums ? out.grad_weight.mutable_data_ptr<grad_t>() : nullptr;
       grad_t* gb = have_sums ? out.grad_bias.mutable_data_ptr<grad_t>() : nullptr;
       for (int64_t c = 0; c < C; ++c) {
-        const double wc = pw[c], isc = is[c];
-        pa[c] = static_cast<coef_t>(wc * isc);
-        double b = 0.0, k = 0.0;
+        const ChannelBackward r = have_sums
+            ? channel_backward(m[c], rm[c], km[c], is[c], pw[c], sdy[c], sxm[c], inv_n, train)
+            : channel_backward_no_sums(is[c], pw[c]);
+        pa[c] = static_cast<coef_t>(r.a);
+        pb[c] = static_cast<coef_t>(r.b);
+        pk[c] = static_cast<coef_t>(r.k);
         if (have_sums) {
-          const double s = sdy[c];
-          const double sx = sxm[c] - (m[c] - rm[c]) * s;  // sum dy * (x - mean)
-          gw[c] = static_cast<grad_t>(sx * isc);
-          gb[c] = static_cast<grad_t>(s);
-          if (train) {
-            // dx = w*invstd*(dy - mean(dy) - (x - mean)*invstd^2*mean(dy*(x - mean)))
-            b = -wc * isc * isc * isc * sx * inv_n;
-            k = -wc * isc * s * inv_n - (m[c] - km[c]) * b;
-          }
+          gw[c] = static_cast<grad_t>(r.grad_weight);
+          gb[c] = static_cast<grad_t>(r.grad_bias);
         }
-        pb[c] = static_cast<coef_t>(b);
-        pk[c] = static_cast<coef_t>(k);
       }
     });
   });

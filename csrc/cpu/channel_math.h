@@ -60,6 +60,27 @@ NormalizeCoeffs normalize_coeffs(
 // and the grad_weight/grad_bias sums, from the float64 sums that the
 // reduction took around `reduce_mean`, all computed in float64. a, bx, k
 // come out in `coeff_dtype`, the gradients in `grad_dtype` (the weight's).
+// One channel of them, in double: grad_input = dy * a + (x - kernel_mean) *
+// b + k. sum_dy_xmu was summed around reduce_mean.
+struct ChannelBackward {
+  double a, b, k, grad_weight, grad_bias;
+};
+inline ChannelBackward channel_backward(
+    double mean, double reduce_mean, double kernel_mean, double invstd, double w,
+    double sum_dy, double sum_dy_xmu, double inv_n, bool train) {
+  const double sx = sum_dy_xmu - (mean - reduce_mean) * sum_dy;  // sum dy * (x - mean)
+  double b = 0.0, k = 0.0;
+  if (train) {
+    // dx = w*invstd*(dy - mean(dy) - (x - mean)*invstd^2*mean(dy*(x - mean)))
+    b = -w * invstd * invstd * invstd * sx * inv_n;
+    k = -w * invstd * sum_dy * inv_n - (mean - kernel_mean) * b;
+  }
+  return {w * invstd, b, k, sx * invstd, sum_dy};
+}
+// Without the sums (eval grad_input only): dx = dy * w * invstd.
+inline ChannelBackward channel_backward_no_sums(double invstd, double w) {
+  return {w * invstd, 0.0, 0.0, 0.0, 0.0};
+}
 struct BackwardCoeffs {
   at::Tensor a, bx, k;       // (C,) coeff_dtype: grad_input coefficients
   at::Tensor grad_weight;    // (C,) grad_dtype: sum dy * (x - mean) * invstd

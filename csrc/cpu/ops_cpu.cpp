@@ -113,11 +113,20 @@ batch_norm_backward(
   const bool has_weight = weight.has_value() && weight->defined();
   const at::ScalarType param_dtype = has_weight ? weight->scalar_type() : acc;
 
+  const Tensor w = channel_param(weight, C, acc, 1.0);
   const bool need_sums =
       output_mask[1] || output_mask[2] || (train && output_mask[0]);
   Tensor sum_dy, sum_dy_xmu;
+  bool dx_done = false;
   if (need_sums) {
-    std::tie(sum_dy, sum_dy_xmu) = backward_reduce(dy, x, mean_hi);
+    const auto opts = x.options().dtype(at::kDouble);
+    sum_dy = at::empty({C}, opts);
+    sum_dy_xmu = at::empty({C}, opts);
+    dx_done = train && output_mask[0] &&
+        backward_resident(dy, x, mean, mean_hi, invstd, w, sum_dy, sum_dy_xmu, dx);
+    if (!dx_done) {
+      backward_reduce(dy, x, mean_hi, sum_dy, sum_dy_xmu);
+    }
   }
   // float32 training grad_input is evaluated in double per element (see
   // backward_elementwise_f32_exact), so it gets float64 coefficients and
@@ -125,12 +134,14 @@ batch_norm_backward(
   const bool exact_f32 = train && input.scalar_type() == at::kFloat;
   const Tensor kernel_mean = exact_f32 ? mean : mean_hi;
   const BackwardCoeffs k = backward_coeffs(
-      mean, mean_hi, kernel_mean, invstd, channel_param(weight, C, acc, 1.0),
-      sum_dy, sum_dy_xmu, n, train, exact_f32 ? at::kDouble : acc, param_dtype);
+      mean, mean_hi, kernel_mean, invstd, w, sum_dy, sum_dy_xmu, n, train,
+      exact_f32 ? at::kDouble : acc, param_dtype);
 
   optional<Tensor> grad_input, grad_weight, grad_bias;
   if (output_mask[0]) {
-    backward_elementwise(dy, x, kernel_mean, k.a, k.bx, k.k, /*use_x=*/train, dx);
+    if (!dx_done) {
+      backward_elementwise(dy, x, kernel_mean, k.a, k.bx, k.k, /*use_x=*/train, dx);
+    }
     grad_input = dx;
   }
   if (output_mask[1]) {

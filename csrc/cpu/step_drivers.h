@@ -141,6 +141,20 @@ struct StepOutput {
   }
 };
 
+// Every step of one plane [offset, offset + S) with coefficient set s (the
+// planar half of elementwise_steps).
+template <int64_t K, typename Set, typename Step>
+BNEXT_STEP void plane_steps(Step& step_l, const Set& s, int64_t offset, int64_t S, bool stream) {
+  if (S < K) {
+    step_l(offset, S, s, false);
+  } else {
+    // Streaming runs are whole lines, so whole steps (StepOutput::of).
+    int64_t i = 0;
+    for (; i + K <= S; i += K) step_l(offset + i, K, s, stream);
+    if (i < S) step_l(offset + S - K, K, s, false);
+  }
+}
+
 // step(i, n, set, stream) for steps covering every element; i is the
 // element offset of the step, and `stream` says whether its (full) store
 // may stream. A planar run of len >= K elements has only full steps: its
@@ -170,14 +184,7 @@ void elementwise_steps(
           const int64_t offset = p * S;
           Set s;
           coefs_l.broadcast(c, s);
-          if (S < K) {
-            step_l(offset, S, s, false);
-          } else {
-            // Streaming runs are whole lines, so whole steps (StepOutput::of).
-            int64_t i = 0;
-            for (; i + K <= S; i += K) step_l(offset + i, K, s, stream);
-            if (i < S) step_l(offset + S - K, K, s, false);
-          }
+          plane_steps<K>(step_l, s, offset, S, stream);
           if (++c == L.C) {
             c = 0;
           }
@@ -309,6 +316,62 @@ struct PairLanes {
   }
 };
 
+// sum(g) and sum(g * t) over one planar run [offset, offset + len) whose
+// steps share the coefficient set s, in float64. step(i, n, s, g, t) as in
+// reduce_steps.
+template <typename IO, typename Set, typename Step>
+BNEXT_STEP std::pair<double, double> run_pair_sums(
+    Step& step_l, const Set& s, int64_t offset, int64_t len) {
+  using V = typename IO::V;
+  using Lanes = PairLanes<typename IO::acc_t, IO::kParts>;
+  constexpr int P = IO::kParts;
+  constexpr int64_t K = IO::kStep;
+  constexpr int kFlushPairs = 8;  // two chains x 8 steps between flushes
+  Lanes l0, l1;  // two independent chains hide FMA latency
+  V g[P], t[P];
+  // Flushes only before a chain's ninth float term: a plane of a few
+  // dozen steps (14x14) is widened twice in all, at the end (merge,
+  // totals), not four times.
+  int64_t i = 0;
+  int64_t pairs = 0;  // terms per lane in each chain since its flush
+  while (i + 2 * K <= len) {
+    if (pairs == kFlushPairs) {
+      l0.flush();
+      l1.flush();
+    }
+    const int64_t start = i;
+    const int64_t stop = std::min(len, i + 2 * K * kFlushPairs);
+    for (; i + 2 * K <= stop; i += 2 * K) {
+      step_l(offset + i, K, s, g, t);
+      l0.add(g, t);
+      step_l(offset + i + K, K, s, g, t);
+      l1.add(g, t);
+    }
+    pairs = (i - start) / (2 * K);
+  }
+  if (pairs == kFlushPairs && i < len) {
+    l0.flush();
+    l1.flush();
+  }
+  if (i + K <= len) {  // at most one full step is left
+    step_l(offset + i, K, s, g, t);
+    l1.add(g, t);
+    i += K;
+  }
+  if (i < len) {
+    if (len >= K) {  // the last step ends at len (zero_lanes_below)
+      step_l(offset + len - K, K, s, g, t);
+      zero_step_lanes_below<P>(g, K - (len - i));
+      zero_step_lanes_below<P>(t, K - (len - i));  // 0 * inf would be NaN
+    } else {
+      step_l(offset + i, len - i, s, g, t);
+    }
+    l0.add(g, t);
+  }
+  l0.merge(l1);
+  return l0.totals();
+}
+
 // Per-channel sum(g) and sum(g * t) in float64, where step(i, n, set, g, t)
 // yields P acc vectors of g and t for a step (lanes past n must give g = 0).
 // Deterministic for a given thread count: fixed chunks, fixed combine order.
@@ -325,7 +388,6 @@ void reduce_steps(
   using Lanes = PairLanes<acc_t, IO::kParts>;
   constexpr int P = IO::kParts;
   constexpr int64_t K = IO::kStep;
-  constexpr int kFlushPairs = 8;  // two chains x 8 steps between flushes
   // Channels per small-plane block: their lanes (384 bytes each for
   // float32, 768 for bfloat16) stay within half of L1.
   constexpr int64_t kBlockLanes = 16384 / static_cast<int64_t>(sizeof(Lanes));
@@ -341,49 +403,7 @@ void reduce_steps(
     auto step_l = step;
     Set s;
     coefs_l.broadcast(c, s);
-    Lanes l0, l1;  // two independent chains hide FMA latency
-    V g[P], t[P];
-    // Flushes only before a chain's ninth float term: a plane of a few
-    // dozen steps (14x14) is widened twice in all, at the end (merge,
-    // totals), not four times.
-    int64_t i = 0;
-    int64_t pairs = 0;  // terms per lane in each chain since its flush
-    while (i + 2 * K <= len) {
-      if (pairs == kFlushPairs) {
-        l0.flush();
-        l1.flush();
-      }
-      const int64_t start = i;
-      const int64_t stop = std::min(len, i + 2 * K * kFlushPairs);
-      for (; i + 2 * K <= stop; i += 2 * K) {
-        step_l(offset + i, K, s, g, t);
-        l0.add(g, t);
-        step_l(offset + i + K, K, s, g, t);
-        l1.add(g, t);
-      }
-      pairs = (i - start) / (2 * K);
-    }
-    if (pairs == kFlushPairs && i < len) {
-      l0.flush();
-      l1.flush();
-    }
-    if (i + K <= len) {  // at most one full step is left
-      step_l(offset + i, K, s, g, t);
-      l1.add(g, t);
-      i += K;
-    }
-    if (i < len) {
-      if (len >= K) {  // the last step ends at len (zero_lanes_below)
-        step_l(offset + len - K, K, s, g, t);
-        zero_step_lanes_below<P>(g, K - (len - i));
-        zero_step_lanes_below<P>(t, K - (len - i));  // 0 * inf would be NaN
-      } else {
-        step_l(offset + i, len - i, s, g, t);
-      }
-      l0.add(g, t);
-    }
-    l0.merge(l1);
-    const auto [a, b] = l0.totals();
+    const auto [a, b] = run_pair_sums<IO>(step_l, s, offset, len);
     double* part = partial.data() + static_cast<size_t>(tid) * 2 * Cpad;
     part[c] += a;
     part[Cpad + c] += b;

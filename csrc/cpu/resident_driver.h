@@ -1,0 +1,133 @@
+// Planar kernels of two passes over the same inputs (a per-channel
+// reduction, then an elementwise pass that needs its result), walked one
+// block of channels at a time: the block is reduced over the whole batch,
+// its coefficients computed, and its elementwise pass run at once, while
+// the block's planes are still in the core's caches. The inputs then come
+// from memory once instead of twice.
+//
+// Used by the training backward (backward.cpp). Same-process A/B against
+// the two memory-order passes, float32 NCHW batch 32, op-level backward,
+// 4 processes: 1.2-1.4x as fast at 64x112x112 and 256x56x56 (103 MB per
+// tensor); at 51 MB (128x56x56, 512x28x28) 0.9-1.2x, depending on the run;
+// tensors that fit the last-level cache were slower with it (bfloat16
+// 64x56x56, 0.7-0.8x) and keep the memory-order passes. The training
+// forward, walked the same way (statistics, then normalization), measured
+// 0.9x at 51 MB and 1.0-1.05x at 103 MB, so it keeps its two passes.
+#pragma once
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "cache_policy.h"
+#include "layout.h"
+#include "step_drivers.h"
+
+namespace bnext::cpu {
+
+// Input bytes per thread a block may span (its planes over the whole batch,
+// every input tensor counted). Above the 1 MB L2 of the CI VM's cores
+// because Zen's L3 is filled by L2 evictions: what the reduction pushed out
+// of L2 is re-read from L3, still not from memory.
+constexpr int64_t kResidentBytes = int64_t{4} << 20;
+// Channels per block at most (the block's sums live on the stack).
+constexpr int64_t kResidentMaxChannels = 64;
+// Planes below a few vectors are left to parallel_channel_blocks and the
+// memory-order walks.
+constexpr int64_t kResidentMinPlaneBytes = 1024;
+
+// Channels per block of the resident walk for `reads` input tensors of
+// elem_bytes elements, or 0 where it does not apply: channels-inner, planes
+// under kResidentMinPlaneBytes, a channel over kResidentBytes, fewer than
+// 4 channels per thread, or an input that fits the last-level cache.
+// BNEXT_RESIDENT=0 or 1 forces the choice where the layout allows it (for
+// benchmarking both walks).
+inline int64_t resident_block_channels(const ChannelLayout& L, int64_t elem_bytes, int reads) {
+  static const int forced = [] {
+    const char* env = std::getenv("BNEXT_RESIDENT");
+    return env == nullptr ? -1 : std::atoi(env) != 0;
+  }();
+  const int64_t channel_bytes = reads * L.N * L.S * elem_bytes;
+  const int nthreads = at::get_num_threads();
+  if (forced == 0 || L.channels_inner || L.N == 0 || L.C < 4 * nthreads ||
+      L.S * elem_bytes < kResidentMinPlaneBytes || channel_bytes > kResidentBytes ||
+      (forced != 1 && fits_last_level_cache(L.N * L.C * L.S * elem_bytes))) {
+    return 0;
+  }
+  return std::clamp<int64_t>(
+      kResidentBytes / channel_bytes, 1,
+      std::min<int64_t>(kResidentMaxChannels, L.C / (4 * nthreads)));
+}
+
+// The resident walk, or false where it does not apply (then nothing ran).
+//   reduce_block(c0, c1): reads channels [c0, c1) over the whole batch and
+//     writes what ecoefs reads for them;
+//   elementwise_step(i, n, set, stream): as in elementwise_steps, with
+//     ecoefs, over the same channels right after.
+// A channel is reduced in one task: its result does not depend on the
+// thread count.
+template <int64_t K, typename BlockFn, typename ECoefs, typename EStep>
+bool resident_channel_blocks(
+    const ChannelLayout& L,
+    int64_t elem_bytes,
+    int reads,
+    BlockFn&& reduce_block,
+    const ECoefs& ecoefs,
+    StepOutput out,
+    EStep&& elementwise_step) {
+  const int64_t block = resident_block_channels(L, elem_bytes, reads);
+  if (block == 0) {
+    return false;
+  }
+  const int64_t C = L.C, S = L.S;
+  // Channels split evenly over the threads, then cut into blocks: whole
+  // blocks dealt out would leave one thread a block more than the other
+  // (13 blocks of 10 at 128 channels).
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    const ECoefs ec = ecoefs;  // local copies: see elementwise_steps
+    auto estep = elementwise_step;
+    for (int64_t c0 = begin; c0 < end; c0 += block) {
+      const int64_t c1 = std::min(end, c0 + block);
+      reduce_block(c0, c1);
+      for (int64_t n = 0; n < L.N; ++n) {
+        for (int64_t c = c0; c < c1; ++c) {
+          typename ECoefs::Set s;
+          ec.broadcast(c, s);
+          plane_steps<K>(estep, s, (n * C + c) * S, S, out.stream);
+        }
+      }
+    }
+    if (out.stream) {
+      stream_fence();
+    }
+  });
+  return true;
+}
+
+// reduce_steps' sums for channels [c0, c1) (at most kResidentMaxChannels),
+// planar, in memory order over the batch, pieces cut as
+// parallel_reduce_chunks cuts planes: sum_g[c - c0], sum_gt[c - c0].
+template <typename IO, typename Coefs, typename Step>
+void block_pair_sums(
+    const ChannelLayout& L, const Coefs& coefs, const Step& step, int64_t c0, int64_t c1,
+    double* sum_g, double* sum_gt) {
+  const Coefs coefs_l = coefs;  // local copies: see elementwise_steps
+  auto step_l = step;
+  std::fill(sum_g, sum_g + (c1 - c0), 0.0);
+  std::fill(sum_gt, sum_gt + (c1 - c0), 0.0);
+  for (int64_t n = 0; n < L.N; ++n) {
+    for (int64_t c = c0; c < c1; ++c) {
+      typename Coefs::Set s;
+      coefs_l.broadcast(c, s);
+      const int64_t plane = (n * L.C + c) * L.S;
+      for (int64_t i = 0; i < L.S; i += kChunkElems) {
+        const auto [g, gt] =
+            run_pair_sums<IO>(step_l, s, plane + i, std::min(kChunkElems, L.S - i));
+        sum_g[c - c0] += g;
+        sum_gt[c - c0] += gt;
+      }
+    }
+  }
+}
+
+}  // namespace bnext::cpu
