@@ -1,9 +1,9 @@
-"""Reference checks for the resident backward (csrc/cpu/resident_driver.h), run
-by test_resident.py in a subprocess with BNEXT_RESIDENT=1. The walk is
-otherwise taken only for planar inputs larger than the last-level cache,
-too large for the test suite; forced, it runs on every planar input with
-planes of at least 1 KB and 4 channels per thread. Not collected on its own
-(the name does not start with test_)."""
+"""Reference checks for the resident backward (csrc/cpu/resident_driver.h),
+plain and fused (BatchNormAct), run by test_resident.py in a subprocess
+with BNEXT_RESIDENT=1. The walk is otherwise taken only for planar inputs
+larger than the last-level cache, too large for the test suite; forced, it
+runs on every planar input with planes of at least 1 KB and 4 channels per
+thread. Not collected on its own (the name does not start with test_)."""
 
 import os
 
@@ -85,19 +85,43 @@ def test_fused_matches_unfused_torch(activation, memory_saving, residual, dtype)
     _compare_steps(m, ref, shape, "contiguous", activation, 0.2, dtype, "cpu", residual)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=["f64", "f32", "bf16"])
 def test_independent_of_thread_count(dtype):
     # Each channel is reduced in one task, so 1 and 2 threads give bitwise
-    # the same backward; the memory-order walk splits a channel's planes
-    # between threads and would not.
+    # the same backward. The memory-order walk splits a channel's planes
+    # between threads and adds the two partial sums: float64 results show
+    # the different association (float32 and bfloat16 ones round it away).
     x = (torch.randn(4, 16, 32, 32) * 3 + 1).to(dtype)
     dy = torch.randn(4, 16, 32, 32).to(dtype)
-    w, b = torch.rand(16) + 0.5, torch.randn(16)
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = torch.rand(16, dtype=pdtype) + 0.5, torch.randn(16, dtype=pdtype)
     _, mean, invstd, _ = torch.ops.bnext.batch_norm_train(x, w, b, 1e-5)
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
         results.append(torch.ops.bnext.batch_norm_backward(
             dy, x, w, None, None, mean, invstd, True, 1e-5, [True, True, True]))
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("activation,saved_is_output", [("relu", False), ("leaky_relu", True)],
+                         ids=["relu", "leaky_relu-from-output"])
+def test_fused_independent_of_thread_count(activation, saved_is_output):
+    shape = (4, 16, 32, 32)
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 1
+    r = torch.randn(shape, dtype=torch.float64)
+    dy = torch.randn(shape, dtype=torch.float64)
+    w, b = torch.rand(16, dtype=torch.float64) + 0.5, torch.randn(16, dtype=torch.float64)
+    ops = torch.ops.bnext
+    y, mean, invstd, _ = ops.batch_norm_act_train(x, w, b, r, 1e-5, activation, 0.2, saved_is_output)
+    saved = y if saved_is_output else x
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results.append(ops.batch_norm_act_backward(
+            dy, saved, saved_is_output, w, b, r, None, None, mean, invstd, True, 1e-5,
+            activation, 0.2, [True, True, True, True]))
     for one, two in zip(*results):
         assert torch.equal(one, two)

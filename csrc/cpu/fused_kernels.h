@@ -51,6 +51,30 @@ void act_backward_reduce(
     at::Tensor& sum_g,
     at::Tensor& sum_gt);
 
+// The statistics a training backward derives its coefficients from: mean
+// (C,) float64, invstd and w (C,) acc dtype, and x_per_t (C,) float64 (from
+// the output: x - mean = t * x_per_t; else undefined).
+struct ActBackwardStats {
+  const at::Tensor& mean;
+  const at::Tensor& invstd;
+  const at::Tensor& w;
+  const at::Tensor& x_per_t;
+};
+
+// Training pass 1 and grad_input in one resident walk
+// (resident_driver.h): fills sum_g and sum_gt (sum g * (x - mean), scaled
+// as the op's two-pass path scales it), grad_residual when the source has
+// a residual, and dx, with backward_coeffs' coefficients. Returns false,
+// having written nothing, where the walk does not apply.
+bool act_backward_resident(
+    const at::Tensor& dy,
+    const GradSource& src,
+    const ActBackwardStats& stats,
+    at::Tensor& grad_residual,
+    at::Tensor& sum_g,
+    at::Tensor& sum_gt,
+    at::Tensor& dx);
+
 // dx = g * A + t * B + K with (C,) float64 A, B, K; g is read from
 // `grad_residual` when it is defined (pass 1 wrote it) and exact (float,
 // double), else recomputed.

@@ -138,6 +138,7 @@ batch_norm_act_backward(
   const bool need_sums =
       r.defined() || output_mask[2] || output_mask[3] || (train && output_mask[0]);
   Tensor g, sum_g, sum_gt;
+  bool dx_done = false;
   if (need_sums) {
     const auto d_opts = s.options().dtype(at::kDouble);
     sum_g = at::empty({C}, d_opts);
@@ -145,9 +146,13 @@ batch_norm_act_backward(
     if (r.defined()) {
       g = empty_output(saved, fmt);
     }
-    act_backward_reduce(dy, src, g, sum_g, sum_gt);
-    if (saved_is_output) {
-      sum_gt = sum_gt * x_per_t;  // now sum g * (x - mean)
+    dx_done = train && output_mask[0] &&
+        act_backward_resident(dy, src, {mean, invstd, w, x_per_t}, g, sum_g, sum_gt, dx);
+    if (!dx_done) {
+      act_backward_reduce(dy, src, g, sum_g, sum_gt);
+      if (saved_is_output) {
+        sum_gt = sum_gt * x_per_t;  // now sum g * (x - mean)
+      }
     }
   }
   const at::ScalarType param_dtype = has(weight) ? weight->scalar_type() : acc;
@@ -161,7 +166,9 @@ batch_norm_act_backward(
 
   optional<Tensor> grad_input, grad_residual, grad_weight, grad_bias;
   if (output_mask[0]) {
-    act_backward_elementwise(dy, src, g, k.a, k.bx, k.k, dx);
+    if (!dx_done) {
+      act_backward_elementwise(dy, src, g, k.a, k.bx, k.k, dx);
+    }
     grad_input = dx;
   }
   if (output_mask[1]) {
