@@ -14,8 +14,8 @@
 #include <vector>
 
 #include "../checks.h"
-#include "kernels.h"
 #include "channel_math.h"
+#include "kernels.h"
 #include "layout.h"
 #include "resident_driver.h"
 #include "step_drivers.h"
@@ -196,7 +196,8 @@ bool backward_resident_impl(
   constexpr bool exact = std::is_same_v<scalar_t, float>;
   using coef_t = std::conditional_t<exact, double, acc_t>;
   const ChannelLayout L = make_layout(x);
-  if (resident_block_channels(L, sizeof(scalar_t), 2) == 0) {
+  const int64_t block = resident_block_channels(L, sizeof(scalar_t), 2);
+  if (block == 0) {
     return false;
   }
   const int64_t C = L.C;
@@ -234,14 +235,15 @@ bool backward_resident_impl(
   const StepOutput out = StepOutput::of(L, dxp, 3);
   constexpr int64_t K = VecIO<scalar_t>::kStep;
   if constexpr (exact) {
-    return resident_channel_blocks<K>(
-        L, sizeof(scalar_t), 2, reduce_block, GradInputF32Coefs{{pa, pb, pk}}, out,
+    resident_channel_blocks<K>(
+        L, block, reduce_block, GradInputF32Coefs{{pa, pb, pk}}, out,
         grad_input_f32_exact_step(dyp, xp, dxp));
   } else {
-    return resident_channel_blocks<K>(
-        L, sizeof(scalar_t), 2, reduce_block, GradInputCoefs<scalar_t, true>{{pa, mh, pb, pk}},
-        out, grad_input_step<scalar_t, true>(dyp, xp, dxp));
+    resident_channel_blocks<K>(
+        L, block, reduce_block, GradInputCoefs<scalar_t, true>{{pa, mh, pb, pk}}, out,
+        grad_input_step<scalar_t, true>(dyp, xp, dxp));
   }
+  return true;
 }
 
 }  // namespace

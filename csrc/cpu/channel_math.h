@@ -60,8 +60,27 @@ NormalizeCoeffs normalize_coeffs(
 // and the grad_weight/grad_bias sums, from the float64 sums that the
 // reduction took around `reduce_mean`, all computed in float64. a, bx, k
 // come out in `coeff_dtype`, the gradients in `grad_dtype` (the weight's).
-// One channel of them, in double: grad_input = dy * a + (x - kernel_mean) *
-// b + k. sum_dy_xmu was summed around reduce_mean.
+struct BackwardCoeffs {
+  at::Tensor a, bx, k;       // (C,) coeff_dtype: grad_input coefficients
+  at::Tensor grad_weight;    // (C,) grad_dtype: sum dy * (x - mean) * invstd
+  at::Tensor grad_bias;      // (C,) grad_dtype: sum dy
+};
+BackwardCoeffs backward_coeffs(
+    const at::Tensor& mean,         // float64
+    const at::Tensor& reduce_mean,  // centre of sum_dy_xmu (float32/64)
+    const at::Tensor& kernel_mean,  // centre the elementwise kernel subtracts
+    const at::Tensor& invstd,       // acc (float32/64)
+    const at::Tensor& w,            // acc (float32/64)
+    const at::Tensor& sum_dy,       // float64, may be undefined if unused
+    const at::Tensor& sum_dy_xmu,   // float64, may be undefined
+    int64_t n,
+    bool train,
+    at::ScalarType coeff_dtype,
+    at::ScalarType grad_dtype);
+
+// One channel of backward_coeffs, in double (also used by the resident
+// backward walks, channel by channel): grad_input = dy * a +
+// (x - kernel_mean) * b + k. sum_dy_xmu was summed around reduce_mean.
 struct ChannelBackward {
   double a, b, k, grad_weight, grad_bias;
 };
@@ -81,23 +100,6 @@ inline ChannelBackward channel_backward(
 inline ChannelBackward channel_backward_no_sums(double invstd, double w) {
   return {w * invstd, 0.0, 0.0, 0.0, 0.0};
 }
-struct BackwardCoeffs {
-  at::Tensor a, bx, k;       // (C,) coeff_dtype: grad_input coefficients
-  at::Tensor grad_weight;    // (C,) grad_dtype: sum dy * (x - mean) * invstd
-  at::Tensor grad_bias;      // (C,) grad_dtype: sum dy
-};
-BackwardCoeffs backward_coeffs(
-    const at::Tensor& mean,         // float64
-    const at::Tensor& reduce_mean,  // centre of sum_dy_xmu (float32/64)
-    const at::Tensor& kernel_mean,  // centre the elementwise kernel subtracts
-    const at::Tensor& invstd,       // acc (float32/64)
-    const at::Tensor& w,            // acc (float32/64)
-    const at::Tensor& sum_dy,       // float64, may be undefined if unused
-    const at::Tensor& sum_dy_xmu,   // float64, may be undefined
-    int64_t n,
-    bool train,
-    at::ScalarType coeff_dtype,
-    at::ScalarType grad_dtype);
 
 // running = (1 - f) * running + f * batch for mean and var together. Both new
 // values are computed before either buffer is written. batch_mean and

@@ -219,7 +219,8 @@ bool resident_impl(
   // resident walk measured 0.95-0.99x (bf16 relu, 64x112x112 and
   // 256x56x56), where float32 relu gained 1.05-1.26x (64x112x112 to
   // 512x28x28; 1.03-1.16x with a residual), same-process A/B.
-  if (IO::kParts != 1 || resident_block_channels(L, sizeof(scalar_t), reads) == 0) {
+  const int64_t block = IO::kParts == 1 ? resident_block_channels(L, sizeof(scalar_t), reads) : 0;
+  if (block == 0) {
     return false;
   }
   const int64_t C = L.C;
@@ -253,10 +254,11 @@ bool resident_impl(
     }
   };
   const ElementwiseCoefs<Terms> coefs{terms.coefs, {{pa, pb, pk}}};
-  return resident_channel_blocks<IO::kStep>(
-      L, sizeof(scalar_t), reads, reduce_block, coefs,
+  resident_channel_blocks<IO::kStep>(
+      L, block, reduce_block, coefs,
       StepOutput::of(L, dx.const_data_ptr<scalar_t>(), kRes ? 4 : 3),
       elementwise_step(terms, grad_residual, dx));
+  return true;
 }
 
 // Calls fn.template operator()<scalar_t, A, kFromOutput, kRes>() for the

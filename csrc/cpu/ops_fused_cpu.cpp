@@ -160,7 +160,7 @@ batch_norm_act_backward(
   BackwardCoeffs k = backward_coeffs(
       mean, centre, centre, invstd, w, sum_g, sum_gt, per_channel_count(saved), train,
       at::kDouble, param_dtype);
-  if (saved_is_output) {
+  if (saved_is_output && !dx_done) {
     k.bx = k.bx * x_per_t;  // coefficient of t instead of (x - mean)
   }
 

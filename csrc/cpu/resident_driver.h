@@ -59,7 +59,9 @@ inline int64_t resident_block_channels(const ChannelLayout& L, int64_t elem_byte
       std::min<int64_t>(kResidentMaxChannels, L.C / (4 * nthreads)));
 }
 
-// The resident walk, or false where it does not apply (then nothing ran).
+// The resident walk over blocks of `block` channels (a nonzero
+// resident_block_channels, which the caller checks first so that it
+// allocates nothing for a walk that does not apply).
 //   reduce_block(c0, c1): reads channels [c0, c1) over the whole batch and
 //     writes what ecoefs reads for them;
 //   elementwise_step(i, n, set, stream): as in elementwise_steps, with
@@ -67,18 +69,13 @@ inline int64_t resident_block_channels(const ChannelLayout& L, int64_t elem_byte
 // A channel is reduced in one task: its result does not depend on the
 // thread count.
 template <int64_t K, typename BlockFn, typename ECoefs, typename EStep>
-bool resident_channel_blocks(
+void resident_channel_blocks(
     const ChannelLayout& L,
-    int64_t elem_bytes,
-    int reads,
+    int64_t block,
     BlockFn&& reduce_block,
     const ECoefs& ecoefs,
     StepOutput out,
     EStep&& elementwise_step) {
-  const int64_t block = resident_block_channels(L, elem_bytes, reads);
-  if (block == 0) {
-    return false;
-  }
   const int64_t C = L.C, S = L.S;
   // Channels split evenly over the threads, then cut into blocks: whole
   // blocks dealt out would leave one thread a block more than the other
@@ -101,7 +98,6 @@ bool resident_channel_blocks(
       stream_fence();
     }
   });
-  return true;
 }
 
 // reduce_steps' sums for channels [c0, c1) (at most kResidentMaxChannels),
