@@ -2,9 +2,9 @@
 file named by argv[1]. test_streaming_stores.py runs it with streaming
 stores forced on and off (BNEXT_STREAMING_STORES) and compares the files.
 
-The shapes cover planes and rows of whole 64-byte lines (written with
-streaming stores when forced), and planes shorter than a vector, planes
-that are not a whole number of vectors, channel counts that are not a
+The shapes cover planes and rows of whole 64-byte lines, planes that are
+not a whole number of lines (streamed across plane boundaries by the flat
+walk), planes shorter than a vector, and channel counts that are not a
 multiple of the vector width (which must fall back to normal stores), in
 both memory layouts.
 """
@@ -25,6 +25,12 @@ CASES = [
     ((2, 4, 13, 11), False),
     ((5, 19, 2, 3), True),
     ((33, 70), False),
+    # Planes of a vector or more that are not whole lines stream through the
+    # flat walk: steps across plane boundaries, and (with two threads) a
+    # second task that starts mid-line (plane 229 of 143 elements; plane
+    # 450 of 196).
+    ((7, 37, 13, 11), False),
+    ((3, 300, 14, 14), False),
     # Whole 64-byte lines per plane / row: the runs that do stream.
     ((3, 5, 8, 8), False),
     ((2, 32, 4, 4), True),

@@ -51,6 +51,18 @@ struct ChannelCoefs {
       }
     }
   }
+  // out = lo's coefficients for a step's first n elements, hi's for the
+  // rest (a step across the boundary of two planes).
+  BNEXT_STEP static void blend(const Set& lo, const Set& hi, int64_t n, Set& out) {
+#pragma GCC unroll 8
+    for (int k = 0; k < NC; ++k) {
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) {
+        const int64_t cnt = std::clamp<int64_t>(n - j * W, 0, W);
+        out.v[k][j] = V::set(hi.v[k][j], lo.v[k][j], cnt);
+      }
+    }
+  }
 };
 
 // Two coefficient groups of different types (e.g. acc-dtype and float64).
@@ -69,6 +81,10 @@ struct CoefPair {
   BNEXT_STEP void load(int64_t c, int64_t n, Set& s) const {
     a.load(c, n, s.a);
     b.load(c, n, s.b);
+  }
+  BNEXT_STEP static void blend(const Set& lo, const Set& hi, int64_t n, Set& out) {
+    A::blend(lo.a, hi.a, n, out.a);
+    B::blend(lo.b, hi.b, n, out.b);
   }
 };
 
@@ -123,10 +139,17 @@ constexpr int kStepScratchRegisters = 8;
 // (cache_policy.h). Only where every 64-byte line of the output is written
 // whole by them: a line written partly by a streaming store and partly by a
 // normal one (an unaligned plane start, an overlapping last step) costs a
-// read-modify-write in memory; with 196-element float32 planes that made an
-// eval 3.9x slower than without streaming.
+// read-modify-write in memory; with 196-element float32 planes streamed
+// plane by plane, an eval was 3.9x slower than without streaming.
+//   stream: runs (planes, rows) are whole lines; every walk may stream.
+//   flat:   planes are not whole lines; elementwise_steps streams them with
+//           the flat walk (flat_plane_steps), which steps through a task's
+//           planes at line-aligned offsets, across plane boundaries.
+//           Other walks write them with normal stores.
 struct StepOutput {
   bool stream = false;
+  bool flat = false;
+  int64_t line_elems = 0;  // output elements per 64-byte line
 
   // For a pass that reads and writes `tensors` tensors of the output's size
   // (the output included) and writes the output at `base`.
@@ -135,9 +158,17 @@ struct StepOutput {
     constexpr int64_t kLine = 64;
     const int64_t elem = static_cast<int64_t>(sizeof(T));
     const int64_t run_bytes = (L.channels_inner ? L.C : L.S) * elem;
-    return {reinterpret_cast<uintptr_t>(base) % kLine == 0 && run_bytes % kLine == 0 &&
-            stream_stores(tensors * L.N * L.C * L.S * elem,
-                          L.channels_inner && run_bytes >= kWideRowBytes)};
+    if (reinterpret_cast<uintptr_t>(base) % kLine != 0 ||
+        !stream_stores(tensors * L.N * L.C * L.S * elem,
+                       L.channels_inner && run_bytes >= kWideRowBytes)) {
+      return {};
+    }
+    const bool whole = run_bytes % kLine == 0;
+    return {whole, !whole && !L.channels_inner, kLine / elem};
+  }
+  // A task's tail fence is needed.
+  bool any() const {
+    return stream || flat;
   }
 };
 
@@ -152,6 +183,64 @@ BNEXT_STEP void plane_steps(Step& step_l, const Set& s, int64_t offset, int64_t 
     int64_t i = 0;
     for (; i + K <= S; i += K) step_l(offset + i, K, s, stream);
     if (i < S) step_l(offset + S - K, K, s, false);
+  }
+}
+
+// Every step of planes [begin, end) (plane p: channel p % C, at p * S,
+// S >= K) at element offsets that are multiples of K: a step across two
+// planes gets the first plane's coefficients in its lower lanes, the
+// second's in the rest. With line_elems (output elements per 64-byte line)
+// nonzero, full steps inside the task's whole lines stream; the partial
+// steps at the task's ends do not. The same elements
+// get the same coefficients as plane by plane, so results are bitwise the
+// same.
+template <int64_t K, typename Coefs, typename Step>
+BNEXT_STEP void flat_plane_steps(
+    Step& step_l, const Coefs& coefs_l, int64_t C, int64_t S, int64_t begin, int64_t end,
+    int64_t line_elems) {
+  using Set = typename Coefs::Set;
+  const int64_t first = begin * S, last = end * S;
+  // Steps in [s0, s1) stream: whole lines of this task only (none when
+  // line_elems is 0).
+  const int64_t s0 = line_elems > 0 ? (first + line_elems - 1) / line_elems * line_elems : 0;
+  const int64_t s1 = line_elems > 0 ? last / line_elems * line_elems : 0;
+  int64_t c = begin % C;
+  int64_t plane_end = first + S;
+  Set s;
+  coefs_l.broadcast(c, s);
+  int64_t i = first;
+  // Up to the first multiple of K: inside the first plane, since S >= K.
+  if (const int64_t head = (K - i % K) % K; head > 0) {
+    step_l(i, head, s, false);
+    i += head;
+  }
+  for (; i + K <= last; i += K) {
+    if (i == plane_end) {
+      if (++c == C) c = 0;
+      plane_end += S;
+      coefs_l.broadcast(c, s);
+    }
+    const bool st = i >= s0 && i + K <= s1;
+    if (i + K <= plane_end) {
+      step_l(i, K, s, st);
+    } else {
+      // Across the boundary; the next plane is longer than the rest of
+      // the step (S >= K), so it ends after this step.
+      if (++c == C) c = 0;
+      Set next, both;
+      coefs_l.broadcast(c, next);
+      Coefs::blend(s, next, plane_end - i, both);
+      step_l(i, K, both, st);
+      s = next;
+      plane_end += S;
+    }
+  }
+  if (i < last) {
+    if (i == plane_end) {
+      if (++c == C) c = 0;
+      coefs_l.broadcast(c, s);
+    }
+    step_l(i, last - i, s, false);
   }
 }
 
@@ -177,6 +266,10 @@ void elementwise_steps(
         auto step_l = step;
         const int64_t S = L.S;
         const bool stream = out.stream;
+        if (out.flat && S >= K) {
+          flat_plane_steps<K>(step_l, coefs_l, L.C, S, begin, end, out.line_elems);
+          return;
+        }
         // Channel of plane p is p % C; stepped, not divided: a 64-bit
         // division per 7x7 plane costs as much as normalizing it.
         int64_t c = begin % L.C;
@@ -236,7 +329,7 @@ void elementwise_steps(
           });
         }
       },
-      out.stream);
+      out.any());
 }
 
 // Float lanes of sum(g) and sum(g * t), widened into double lanes after a
