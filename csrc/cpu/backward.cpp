@@ -31,12 +31,17 @@ template <typename scalar_t>
 using ReduceCoefs =
     ChannelCoefs<typename VecIO<scalar_t>::acc_t, 1, VecIO<scalar_t>::kParts>;
 
+// ahead > 0: each step also fetches the lines `ahead` elements on into L2.
 template <typename scalar_t>
-auto reduce_step(const scalar_t* dyp, const scalar_t* xp) {
+auto reduce_step(const scalar_t* dyp, const scalar_t* xp, int64_t ahead = 0) {
   using IO = VecIO<scalar_t>;
   using V = typename IO::V;
   return [=](int64_t i, int64_t n, const typename ReduceCoefs<scalar_t>::Set& s, V* g, V* t)
              BNEXT_STEP {
+    if (ahead > 0) {
+      __builtin_prefetch(dyp + i + ahead, 0, 2);
+      __builtin_prefetch(xp + i + ahead, 0, 2);
+    }
     IO::load_n(dyp + i, g, n);
     IO::load_n(xp + i, t, n);
 #pragma GCC unroll 4
@@ -52,9 +57,15 @@ void backward_reduce_impl(
     at::Tensor& sum_dy_out,
     at::Tensor& sum_dy_xmu_out) {
   using acc_t = typename VecIO<scalar_t>::acc_t;
+  const ChannelLayout L = make_layout(x);
+  // The spread walk reads four rows a block apart at once: each step
+  // fetches its line of the thread's next block, as the statistics tiles
+  // do (stats.cpp).
+  const int64_t ahead =
+      spread_walk(L) ? spread_block_rows(L.C, sizeof(scalar_t)) * L.C : 0;
   reduce_steps<VecIO<scalar_t>>(
-      make_layout(x), ReduceCoefs<scalar_t>{{mean_t.const_data_ptr<acc_t>()}},
-      reduce_step(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>()),
+      L, ReduceCoefs<scalar_t>{{mean_t.const_data_ptr<acc_t>()}},
+      reduce_step(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), ahead),
       sum_dy_out.mutable_data_ptr<double>(), sum_dy_xmu_out.mutable_data_ptr<double>());
 }
 

@@ -116,6 +116,16 @@ constexpr int64_t kSpreadChannels = 256;
 // faster than the statistics' 8-16 (1024 and 2048 float32 channels).
 constexpr int64_t kSpreadBlockRows = 64;
 
+// Rows per block of the spread walk, for elements of elem_bytes.
+inline int64_t spread_block_rows(int64_t C, int64_t elem_bytes) {
+  return C >= kManyChannels ? kSpreadBlockRows : reduce_block_rows(C, elem_bytes);
+}
+// Whether reduce_steps takes the spread walk over a channels-inner layout
+// of C channels (the register walk takes precedence where it applies).
+inline bool spread_walk(const ChannelLayout& L) {
+  return L.channels_inner && L.C >= kSpreadChannels;
+}
+
 // Narrow rows (C a multiple of the step, at most kRegisterRowSteps steps,
 // and the row's coefficients and float sums fitting the vector register
 // file): the register walk goes through rows in memory order like the row
@@ -741,9 +751,7 @@ void reduce_steps(
         },
         reduce_block_rows(C, elem_bytes));
   } else if (L.channels_inner && !row_walk) {
-    parallel_reduce_chunks(
-        L, run, spread_rows,
-        C >= kManyChannels ? kSpreadBlockRows : reduce_block_rows(C, elem_bytes));
+    parallel_reduce_chunks(L, run, spread_rows, spread_block_rows(C, elem_bytes));
   } else {
     parallel_reduce_chunks(L, run, rows, reduce_block_rows(C, elem_bytes));
   }
