@@ -120,8 +120,8 @@ constexpr int64_t kSpreadBlockRows = 64;
 inline int64_t spread_block_rows(int64_t C, int64_t elem_bytes) {
   return C >= kManyChannels ? kSpreadBlockRows : reduce_block_rows(C, elem_bytes);
 }
-// Whether reduce_steps takes the spread walk over a channels-inner layout
-// of C channels (the register walk takes precedence where it applies).
+// Whether reduce_steps takes the spread walk (channels-inner rows of
+// kSpreadChannels or more; the register walk never fits that many).
 inline bool spread_walk(const ChannelLayout& L) {
   return L.channels_inner && L.C >= kSpreadChannels;
 }
@@ -245,11 +245,10 @@ BNEXT_STEP void flat_plane_steps(
       plane_end += S;
     }
   }
+  // Less than a step is left, so it lies in the current plane: had that
+  // plane ended at i, the next (S >= K elements) would have held one more
+  // full step.
   if (i < last) {
-    if (i == plane_end) {
-      if (++c == C) c = 0;
-      coefs_l.broadcast(c, s);
-    }
     step_l(i, last - i, s, false);
   }
 }
@@ -521,7 +520,7 @@ void reduce_steps(
       row_steps <= kRegisterRowSteps &&
       row_steps * kRegsPerStep <= kVectorRegisters - kStepScratchRegisters;
 
-  const bool row_walk = L.channels_inner && C < kSpreadChannels && !in_registers;
+  const bool row_walk = L.channels_inner && !spread_walk(L) && !in_registers;
   // Float accumulators of the row walk, zero between flushes.
   std::vector<acc_t> float_partial(
       row_walk ? static_cast<size_t>(nthreads) * 2 * Cpad : 0, acc_t(0));
@@ -750,7 +749,7 @@ void reduce_steps(
           }
         },
         reduce_block_rows(C, elem_bytes));
-  } else if (L.channels_inner && !row_walk) {
+  } else if (spread_walk(L)) {
     parallel_reduce_chunks(L, run, spread_rows, spread_block_rows(C, elem_bytes));
   } else {
     parallel_reduce_chunks(L, run, rows, reduce_block_rows(C, elem_bytes));
