@@ -1,6 +1,8 @@
 """Writes bnext's CPU outputs and gradients for a fixed set of cases to the
 file named by argv[1]. test_streaming_stores.py runs it with streaming
-stores forced on and off (BNEXT_STREAMING_STORES) and compares the files.
+stores forced on and off (BNEXT_STREAMING_STORES) and compares the files,
+and compares the streamed ones with torch's (`collect("torch")`, the
+unfused float32/float64 cases).
 
 The shapes cover planes and rows of whole 64-byte lines, planes that are
 not a whole number of lines (streamed across plane boundaries by the flat
@@ -39,7 +41,7 @@ CASES = [
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
-def run_case(shape, channels_last, dtype, fused, out):
+def run_case(shape, channels_last, dtype, fused, out, impl="bnext"):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=g).mul(3).add(2).to(dtype)
     if channels_last:
@@ -49,7 +51,13 @@ def run_case(shape, channels_last, dtype, fused, out):
     )
     dy = torch.randn(x.shape, generator=g).to(dtype)
     C = shape[1]
-    if fused:
+    if impl == "torch":
+        # The reference: same inputs and parameters (the generator is drawn
+        # in the same order), torch's modules.
+        if fused or dtype not in (torch.float32, torch.float64):
+            return
+        m = torch.nn.BatchNorm2d(C) if x.dim() == 4 else torch.nn.BatchNorm1d(C)
+    elif fused:
         m = bnext.BatchNormAct2d(C, activation="leaky_relu") if x.dim() == 4 else None
         if m is None:
             return
@@ -77,13 +85,19 @@ def run_case(shape, channels_last, dtype, fused, out):
         out[key + "-eval"] = m(x, residual) if fused else m(x)
 
 
-def main(path):
+def collect(impl="bnext"):
+    """{key: tensor} for every case; impl "torch": the unfused float32 and
+    float64 cases computed by torch.nn.BatchNorm*."""
     out = {}
     for shape, channels_last in CASES:
         for dtype in DTYPES:
             for fused in (False, True):
-                run_case(shape, channels_last, dtype, fused, out)
-    torch.save(out, path)
+                run_case(shape, channels_last, dtype, fused, out, impl)
+    return out
+
+
+def main(path):
+    torch.save(collect(), path)
 
 
 if __name__ == "__main__":

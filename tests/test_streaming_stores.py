@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 
+from helpers import assert_close
+from streaming_outputs import collect
+
 SCRIPT = Path(__file__).with_name("streaming_outputs.py")
 
 
@@ -29,3 +32,14 @@ def test_streaming_stores_write_identical_results(tmp_path):
     assert len(off) > 100
     for key in off:
         assert torch.equal(off[key], on[key]), key
+
+
+def test_streamed_results_match_torch(tmp_path):
+    # The bitwise check above ties the streamed walks (the flat walk over
+    # planes that are not whole lines among them) to the normal-store ones;
+    # this checks the streamed run against torch directly.
+    on = _outputs(tmp_path, 1)
+    ref = collect("torch")
+    assert len(ref) > 50
+    for key, expected in ref.items():
+        assert_close(on[key], expected, msg=key)

@@ -39,8 +39,8 @@ auto reduce_step(const scalar_t* dyp, const scalar_t* xp, int64_t ahead = 0) {
   return [=](int64_t i, int64_t n, const typename ReduceCoefs<scalar_t>::Set& s, V* g, V* t)
              BNEXT_STEP {
     if (ahead > 0) {
-      __builtin_prefetch(dyp + i + ahead, 0, 2);
-      __builtin_prefetch(xp + i + ahead, 0, 2);
+      prefetch_l2(dyp + i, ahead);
+      prefetch_l2(xp + i, ahead);
     }
     IO::load_n(dyp + i, g, n);
     IO::load_n(xp + i, t, n);

@@ -9,7 +9,9 @@ namespace bnext::cpu {
 // True when a pass that reads and writes `pass_bytes` in all should write
 // its output with streaming stores: when it would not keep the output in
 // the last-level cache anyway, and for channels-inner rows of at least
-// kWideRowBytes from half that size (cache_policy.cpp).
+// kWideRowBytes from half that size (cache_policy.cpp). The cache is the
+// size sysfs lists, or a quarter of a probe pass where streaming measured
+// faster at that pass (store_probe.h), once per process.
 // BNEXT_STREAMING_STORES=0 or 1 forces the choice (for benchmarking both).
 constexpr int64_t kWideRowBytes = 2048;
 bool stream_stores(int64_t pass_bytes, bool wide_rows);

@@ -20,6 +20,17 @@ namespace bnext::cpu {
 
 using at::vec::Vectorized;
 
+// Fetches the line `ahead` elements past p into L2. The address is formed
+// as an integer: past a tensor's last block it lies beyond the allocation,
+// where pointer arithmetic would be undefined; a prefetch of it never
+// faults, and its line is never read.
+template <typename T>
+__attribute__((always_inline)) inline void prefetch_l2(const T* p, int64_t ahead) {
+  const uintptr_t at =
+      reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(ahead) * sizeof(T);
+  __builtin_prefetch(reinterpret_cast<const void*>(at), 0, 2);
+}
+
 // One full vector to p. With `stream`, and p aligned to the vector width, a
 // non-temporal store: outputs larger than the last-level cache would be
 // evicted before anyone reads them, and a normal store first reads each
