@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import assert_close
@@ -25,21 +26,26 @@ def _outputs(tmp_path, streaming):
     return torch.load(path)
 
 
-def test_streaming_stores_write_identical_results(tmp_path):
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory):
+    # Both tests read the streamed run: one subprocess, not two.
+    return _outputs(tmp_path_factory.mktemp("streaming"), 1)
+
+
+def test_streaming_stores_write_identical_results(tmp_path, streamed):
     off = _outputs(tmp_path, 0)
-    on = _outputs(tmp_path, 1)
+    on = streamed
     assert off.keys() == on.keys()
     assert len(off) > 100
     for key in off:
         assert torch.equal(off[key], on[key]), key
 
 
-def test_streamed_results_match_torch(tmp_path):
+def test_streamed_results_match_torch(streamed):
     # The bitwise check above ties the streamed walks (the flat walk over
     # planes that are not whole lines among them) to the normal-store ones;
     # this checks the streamed run against torch directly.
-    on = _outputs(tmp_path, 1)
     ref = collect("torch")
     assert len(ref) > 50
     for key, expected in ref.items():
-        assert_close(on[key], expected, msg=key)
+        assert_close(streamed[key], expected, msg=key)
