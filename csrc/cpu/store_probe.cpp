@@ -12,11 +12,14 @@ namespace bnext::cpu {
 
 namespace {
 
+// Elements per parallel work item: 64 KB of floats, whole cache lines, so
+// streaming stores never share a line between threads.
+constexpr int64_t kChunk = 16384;
+
 // One pass over n floats (n a multiple of the chunk), split like the
 // kernels' own passes: chunks of whole lines, across every thread.
 double pass_seconds(const float* x, float* y, int64_t n, bool stream) {
   using V = Vectorized<float>;
-  constexpr int64_t kChunk = 16384;  // elements: 64 KB, whole lines
   const V a(1.0009765625f), b(0.5f);
   const auto start = std::chrono::steady_clock::now();
   at::parallel_for(0, n / kChunk, 1, [&](int64_t begin, int64_t end) {
@@ -33,7 +36,7 @@ double pass_seconds(const float* x, float* y, int64_t n, bool stream) {
 }  // namespace
 
 bool streaming_wins_at(int64_t pass_bytes) {
-  const int64_t n = std::max<int64_t>(pass_bytes / 2 / sizeof(float) / 16384, 1) * 16384;
+  const int64_t n = std::max<int64_t>(pass_bytes / 2 / sizeof(float) / kChunk, 1) * kChunk;
   const at::Tensor buf = at::empty({2 * n}, at::kFloat);
   float* x = buf.mutable_data_ptr<float>();
   float* y = x + n;
