@@ -192,7 +192,21 @@ BNEXT_STEP void plane_steps(Step& step_l, const Set& s, int64_t offset, int64_t 
     // Streaming runs are whole lines, so whole steps (StepOutput::of).
     int64_t i = 0;
     for (; i + K <= S; i += K) step_l(offset + i, K, s, stream);
-    if (i < S) step_l(offset + S - K, K, s, false);
+    if (i < S) {
+      // float32/float64 steps (K no wider than a float vector) end with a
+      // masked partial step where AVX-512 has masks: the overlapping full
+      // step made float32 7x7 and 14x14 evals with normal stores
+      // 0.84-0.95x torch's speed on the Xeon CI VM, the masked one
+      // 0.96-1.28x (one thread, processes alternating; torch's loop ends
+      // in a masked step too). Half-type steps keep the overlap: masked,
+      // bfloat16 7x7 evals fell from 1.63-1.68x to 1.26-1.38x, and 14x14
+      // and 28x28 did not change.
+      if constexpr (kMaskedPartialSteps && K <= Vectorized<float>::size()) {
+        step_l(offset + i, S - i, s, false);
+      } else {
+        step_l(offset + S - K, K, s, false);
+      }
+    }
   }
 }
 
@@ -255,12 +269,12 @@ BNEXT_STEP void flat_plane_steps(
 
 // step(i, n, set, stream) for steps covering every element; i is the
 // element offset of the step, and `stream` says whether its (full) store
-// may stream. A planar run of len >= K elements has only full steps: its
-// last step is moved back to end at len, overlapping the one before.
+// may stream. A planar run of len >= K elements ends in a masked partial
+// step for float32/float64 with AVX-512 (plane_steps); otherwise its last
+// step is moved back to end at len, overlapping the one before (a partial
+// step through a buffer cost as much as the rest of a 7x7 bf16 plane).
 // Overlapped elements are computed twice from the same inputs, so a step
-// must never write memory it reads (every caller writes a fresh output). A
-// partial step (loads and stores through a buffer) cost as much as the rest
-// of a 7x7 bf16 plane.
+// must never write memory it reads (every caller writes a fresh output).
 template <int64_t K, typename Coefs, typename Step>
 void elementwise_steps(
     const ChannelLayout& L, const Coefs& coefs, StepOutput out, Step&& step) {

@@ -64,6 +64,30 @@ __attribute__((always_inline)) inline void store_vec(T* p, const Vectorized<T>& 
   v.store(p);
 }
 
+// Whether a partial vector is loaded and stored with AVX-512 masks
+// (Vectorized::loadu(p, n) / store(p, n) are vmovups/vmovdqu16 with a k
+// mask there). Elsewhere the partial store is AVX2's vmaskmovps,
+// microcoded and slow on AMD Zen, or scalar, so it goes through a buffer
+// and the planar walks end a run with an overlapping full step instead
+// (plane_steps).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kMaskedPartialSteps = true;
+#else
+constexpr bool kMaskedPartialSteps = false;
+#endif
+
+// The first n (< size) lanes of v to p.
+template <typename T>
+__attribute__((always_inline)) inline void store_first(T* p, const Vectorized<T>& v, int64_t n) {
+  if constexpr (kMaskedPartialSteps) {
+    v.store(p, n);
+  } else {
+    alignas(64) T buf[Vectorized<T>::size()];
+    v.store(buf);
+    for (int64_t i = 0; i < n; ++i) p[i] = buf[i];
+  }
+}
+
 // Orders a thread's streaming stores before whatever follows (they are
 // weakly ordered; the end of a parallel region must publish them).
 inline void stream_fence() {
@@ -89,12 +113,7 @@ struct VecIO {
     if (n == kStep) {
       store_vec(p, in[0], stream);
     } else {
-      // Through a buffer, not Vectorized::store(p, n): that is a masked
-      // store (vmaskmovps), microcoded and slow on AMD Zen, and every 7x7
-      // plane ends in one.
-      alignas(64) scalar_t buf[kStep];
-      in[0].store(buf);
-      for (int64_t i = 0; i < n; ++i) p[i] = buf[i];
+      store_first(p, in[0], n);
     }
   }
 };
@@ -153,9 +172,7 @@ struct VecIOHalf {
     if (n == kStep) {
       store_vec(p, h, stream);
     } else {
-      alignas(64) scalar_t buf[kStep];  // see VecIO::store_n
-      h.store(buf);
-      for (int64_t i = 0; i < n; ++i) p[i] = buf[i];
+      store_first(p, h, n);
     }
   }
 };
