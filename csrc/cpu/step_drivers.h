@@ -198,9 +198,9 @@ BNEXT_STEP void plane_steps(Step& step_l, const Set& s, int64_t offset, int64_t 
       // step made float32 7x7 and 14x14 evals with normal stores
       // 0.84-1.04x torch's speed on the Xeon CI VM, the masked one
       // 0.94-1.28x (one thread, processes alternating, three rounds;
-      // torch's loop ends in a masked step too). Half-type steps keep the overlap: masked,
-      // bfloat16 7x7 evals fell from 1.63-1.68x to 1.26-1.38x, and 14x14
-      // and 28x28 did not change.
+      // torch's loop ends in a masked step too). Half-type steps keep the
+      // overlap: masked, bfloat16 7x7 evals fell from 1.63-1.68x to
+      // 1.26-1.38x, and 14x14 and 28x28 did not change.
       if constexpr (kMaskedPartialSteps && K <= Vectorized<float>::size()) {
         step_l(offset + i, S - i, s, false);
       } else {
