@@ -1,9 +1,9 @@
 """Reference checks for the resident backward (csrc/cpu/resident_driver.h),
 plain and fused (BatchNormAct), run by test_resident.py in a subprocess
 with BNEXT_RESIDENT=1. The walk is otherwise taken only for planar inputs
-larger than the last-level cache, too large for the test suite; forced, it
-runs on every planar input with planes of at least 1 KB and 4 channels per
-thread. Not collected on its own (the name does not start with test_)."""
+larger than the usable cache, too large for the test suite; forced, it
+runs on every planar input with planes of at least 2 KB
+(kResidentMinPlaneBytes) and 4 channels per thread. Not collected on its own (the name does not start with test_)."""
 
 import os
 
@@ -18,14 +18,15 @@ from test_reference import CONFIGS, _buffers_match, _pair, _step, config_id
 
 THREADS = 2
 
-# (bnext class, torch class, shape): planes of 600 to 8280 elements (8280:
-# two reduction pieces, 8192 + 88), 37 channels (blocks of 4, the last of 1), 1-D,
-# 2-D and 3-D planes.
+# (bnext class, torch class, shape): planes of 1024 to 8280 elements (8280:
+# two reduction pieces, 8192 + 88; 1100 and 1230, not whole vectors, are
+# over 2 KB in half types too), 37 channels (blocks of 4, the last of 1),
+# 1-D, 2-D and 3-D planes.
 CASES = [
     (bnext.BatchNorm2d, torch.nn.BatchNorm2d, (4, 16, 32, 32)),
-    (bnext.BatchNorm2d, torch.nn.BatchNorm2d, (3, 37, 20, 30)),
+    (bnext.BatchNorm2d, torch.nn.BatchNorm2d, (3, 37, 30, 41)),
     (bnext.BatchNorm2d, torch.nn.BatchNorm2d, (1, 8, 90, 92)),
-    (bnext.BatchNorm1d, torch.nn.BatchNorm1d, (4, 12, 700)),
+    (bnext.BatchNorm1d, torch.nn.BatchNorm1d, (4, 12, 1100)),
     (bnext.BatchNorm3d, torch.nn.BatchNorm3d, (2, 8, 4, 16, 16)),
 ]
 

@@ -44,12 +44,25 @@ int64_t llc_bytes() {
   return b > 0 ? b : int64_t{32} << 20;
 }
 
-}  // namespace
+// The cache a VM's guest can use may be far smaller than the size sysfs
+// gives: on a 2-core Intel Xeon CI VM (105 MB L3 listed) a copy ran at
+// memory speed from 16 MB, and streaming made float32 evals of 12.8 MB
+// tensors 1.5-2.5x and of 6.4 MB tensors ~1.5x as fast (torch-relative,
+// interleaved), where on the Zen 4 VM (stream_stores) they stay in its
+// 32 MB L3.
+// So a pass of kProbePassBytes is timed once, both ways
+// (streaming_wins_at); where streaming wins, the cache is taken to be
+// kProbePassBytes / 4. Callers ask only about sizes the answer changes,
+// so a machine whose passes never reach them never runs the probe.
+constexpr int64_t kProbePassBytes = int64_t{24} << 20;
+constexpr int64_t kSmallCache = kProbePassBytes / 4;
 
-bool fits_last_level_cache(int64_t bytes) {
-  static const int64_t llc = llc_bytes();
-  return bytes <= llc;
+bool small_usable_cache(int64_t llc) {
+  static const bool small = llc > kProbePassBytes && streaming_wins_at(kProbePassBytes);
+  return small;
 }
+
+}  // namespace
 
 bool stream_stores(int64_t pass_bytes, bool wide_rows) {
   static const int forced = [] {
@@ -76,22 +89,23 @@ bool stream_stores(int64_t pass_bytes, bool wide_rows) {
   if (over(llc)) {
     return true;
   }
-  // The cache a VM's guest can use may be far smaller than the size sysfs
-  // gives: on a 2-core Intel Xeon CI VM (105 MB L3 listed) a copy ran at
-  // memory speed from 16 MB, and streaming made float32 evals of 12.8 MB
-  // tensors 1.5-2.5x and of 6.4 MB tensors ~1.5x as fast (torch-relative,
-  // interleaved), where on the Zen 4 VM above they stay in its 32 MB L3.
-  // So a pass of kProbePassBytes is timed once, both ways
-  // (streaming_wins_at); where streaming wins, the cache is taken to be
-  // kProbePassBytes / 4. Passes too small to stream even then never
-  // start the probe.
-  constexpr int64_t kProbePassBytes = int64_t{24} << 20;
-  constexpr int64_t kSmallCache = kProbePassBytes / 4;
   if (llc <= kSmallCache || !over(kSmallCache)) {
     return false;
   }
-  static const bool small_cache = llc > kProbePassBytes && streaming_wins_at(kProbePassBytes);
-  return small_cache;
+  return small_usable_cache(llc);
+}
+
+bool fits_last_level_cache(int64_t bytes) {
+  static const int64_t llc = llc_bytes();
+  return bytes <= llc;
+}
+
+bool fits_usable_cache(int64_t bytes) {
+  static const int64_t llc = llc_bytes();
+  if (bytes > llc) {
+    return false;
+  }
+  return bytes <= kSmallCache || !small_usable_cache(llc);
 }
 
 }  // namespace bnext::cpu

@@ -1,6 +1,6 @@
 // Cache-size decisions: when an elementwise pass should write its output
-// with streaming (non-temporal) stores, and whether a forward's input and
-// output stay in the last-level cache.
+// with streaming (non-temporal) stores, and whether a pass's tensors stay
+// in the last-level cache.
 #pragma once
 #include <cstdint>
 
@@ -19,5 +19,10 @@ bool stream_stores(int64_t pass_bytes, bool wide_rows);
 // True when `bytes` fit the last-level cache (sysfs size of cpu0's highest
 // cache level).
 bool fits_last_level_cache(int64_t bytes);
+
+// True when `bytes` fit the cache this process can use: the sysfs size, or
+// the smaller size stream_stores takes where the probe found streaming
+// faster (runs the probe on first need, once per process).
+bool fits_usable_cache(int64_t bytes);
 
 }  // namespace bnext::cpu
