@@ -3,7 +3,8 @@ plain and fused (BatchNormAct), run by test_resident.py in a subprocess
 with BNEXT_RESIDENT=1. The walk is otherwise taken only for planar inputs
 larger than the usable cache, too large for the test suite; forced, it
 runs on every planar input with planes of at least 2 KB
-(kResidentMinPlaneBytes) and 4 channels per thread. Not collected on its own (the name does not start with test_)."""
+(kResidentMinPlaneBytes) and 4 channels per thread. Not collected on its
+own (the name does not start with test_)."""
 
 import os
 

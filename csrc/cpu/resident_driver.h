@@ -48,9 +48,8 @@ constexpr int64_t kResidentMinPlaneBytes = 2048;
 // the probed cache instead measured, fwd+bwd against torch, two or three
 // alternating processes per walk: float32 256x28x28 to 128x56x56 and
 // (N, C, L) 5-10% faster; 128x28x28, 64x112x112, 256x56x56 and 5-D
-// within the noise (+-5%);
-// bfloat16 56x56 and up 0-10%; float32 BN+ReLU 5-15% on every
-// applicable shape.
+// within the noise (+-5%); bfloat16 56x56 and up 0-10%; float32 BN+ReLU
+// 5-15% on every applicable shape.
 // BNEXT_RESIDENT=0 or 1 forces the choice where the layout allows it (for
 // benchmarking both walks).
 inline int64_t resident_block_channels(const ChannelLayout& L, int64_t elem_bytes, int reads) {
