@@ -45,11 +45,12 @@ constexpr int64_t kResidentMinPlaneBytes = 2048;
 // under kResidentMinPlaneBytes, a channel over kResidentBytes, fewer than
 // 4 channels per thread, or an input that fits the usable cache
 // (fits_usable_cache). On the Xeon VM, whose sysfs lists 105 MB, taking
-// the probed cache instead measured, fwd+bwd against torch, two or three
-// alternating processes per walk: float32 256x28x28 to 128x56x56 and
-// (N, C, L) 5-10% faster; 128x28x28, 64x112x112, 256x56x56 and 5-D
-// within the noise (+-5%); bfloat16 56x56 and up 0-10%; float32 BN+ReLU
-// 5-15% on every applicable shape.
+// the probed cache instead measured, fwd+bwd against torch, per pair of
+// alternating processes: float32 256x28x28 to 128x56x56 and (N, C, L)
+// 4-23% faster, 128x28x28, 64x112x112, 256x56x56 and 5-D -3% to +6%;
+// bfloat16 56x56 and up -9% to +23% (64x56x56 and 5-D the losers);
+// float32 BN+ReLU 3-20%, 64x112x112 and 5-D -1% to +6%. A shape the walk
+// does not take moved -6% to +5%.
 // BNEXT_RESIDENT=0 or 1 forces the choice where the layout allows it (for
 // benchmarking both walks).
 inline int64_t resident_block_channels(const ChannelLayout& L, int64_t elem_bytes, int reads) {
