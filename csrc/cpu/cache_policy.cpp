@@ -36,12 +36,16 @@ int64_t sysfs_llc_bytes() {
   return best_size;
 }
 
+// The listed size, read once per process.
 int64_t llc_bytes() {
-  if (const int64_t b = sysfs_llc_bytes(); b > 0) {
-    return b;
-  }
-  const long b = sysconf(_SC_LEVEL3_CACHE_SIZE);
-  return b > 0 ? b : int64_t{32} << 20;
+  static const int64_t llc = [] {
+    if (const int64_t b = sysfs_llc_bytes(); b > 0) {
+      return b;
+    }
+    const long b = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return b > 0 ? int64_t{b} : int64_t{32} << 20;
+  }();
+  return llc;
 }
 
 // The cache a VM's guest can use may be far smaller than the size sysfs
@@ -57,8 +61,8 @@ int64_t llc_bytes() {
 constexpr int64_t kProbePassBytes = int64_t{24} << 20;
 constexpr int64_t kSmallCache = kProbePassBytes / 4;
 
-bool small_usable_cache(int64_t llc) {
-  static const bool small = llc > kProbePassBytes && streaming_wins_at(kProbePassBytes);
+bool small_usable_cache() {
+  static const bool small = llc_bytes() > kProbePassBytes && streaming_wins_at(kProbePassBytes);
   return small;
 }
 
@@ -82,30 +86,27 @@ bool stream_stores(int64_t pass_bytes, bool wide_rows) {
   // and 1.2x as fast (median ratios); at 128 channels 0.8x both. Planar:
   // a training forward at 26 MB (128x28x28) 0.7x. 64-channel rows and
   // bfloat16 cases showed no difference either way.
-  static const int64_t llc = llc_bytes();
+  const int64_t llc = llc_bytes();
   auto over = [&](int64_t cache) {
     return pass_bytes > (wide_rows ? cache * 3 / 4 : cache * 3 / 2);
   };
   if (over(llc)) {
     return true;
   }
-  if (llc <= kSmallCache || !over(kSmallCache)) {
-    return false;
-  }
-  return small_usable_cache(llc);
+  // (small_usable_cache never probes where the listed cache is no larger
+  // than the probe pass.)
+  return over(kSmallCache) && small_usable_cache();
 }
 
 bool fits_last_level_cache(int64_t bytes) {
-  static const int64_t llc = llc_bytes();
-  return bytes <= llc;
+  return bytes <= llc_bytes();
 }
 
 bool fits_usable_cache(int64_t bytes) {
-  static const int64_t llc = llc_bytes();
-  if (bytes > llc) {
+  if (!fits_last_level_cache(bytes)) {
     return false;
   }
-  return bytes <= kSmallCache || !small_usable_cache(llc);
+  return bytes <= kSmallCache || !small_usable_cache();
 }
 
 }  // namespace bnext::cpu
