@@ -46,6 +46,7 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
             raise RuntimeError("running_mean must be defined in evaluation mode")
 
     channels = input.shape[1]
+    device = input.device
     param_dtype = None
     for name, t in (
         ("weight", weight),
@@ -57,14 +58,15 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
             continue
         if t.numel() != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
-        if t.device != input.device:
+        if t.device != device:
             raise RuntimeError(
                 "Expected all tensors to be on the same device, but found input on "
-                f"{input.device} and {name} on {t.device}"
+                f"{device} and {name} on {t.device}"
             )
         if param_dtype is None:
             param_dtype = t.dtype
-            if not (t.dtype == input.dtype or (t.dtype == torch.float32 and input.dtype in _REDUCED)):
+            if not (param_dtype == input.dtype
+                    or (param_dtype == torch.float32 and input.dtype in _REDUCED)):
                 raise RuntimeError(
                     f"bnext batch_norm: {name} has dtype {t.dtype} but input has dtype "
                     f"{input.dtype}; parameters and running stats must have the input's "

@@ -30,9 +30,9 @@ class _BatchNormAct(_BatchNormForward):
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(input)
-        running_mean, running_var, bn_training, nbt = self._bn_arguments()
+        running_mean, running_var, weight, bias, bn_training, nbt = self._bn_arguments()
         return _batch_norm_act(
-            input, running_mean, running_var, self.weight, self.bias, bn_training,
+            input, running_mean, running_var, weight, bias, bn_training,
             self.momentum, self.eps, nbt, residual, self.activation, self.negative_slope,
             self.memory_saving,
         )

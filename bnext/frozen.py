@@ -4,6 +4,7 @@ fine-tuning detection backbones (torchvision.ops.FrozenBatchNorm2d)."""
 import torch
 from torch import Tensor
 
+from ._members import member
 from .functional import _batch_norm
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
@@ -38,8 +39,10 @@ class _FrozenBatchNorm(torch.nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() not in self._dims:
             raise ValueError(f"expected {self._shape} input (got {input.dim()}D input)")
-        return _batch_norm(input, self.running_mean, self.running_var, self.weight,
-                           self.bias, False, None, self.eps, None)
+        b = self._buffers
+        return _batch_norm(input, member(self, b, "running_mean"), member(self, b, "running_var"),
+                           member(self, b, "weight"), member(self, b, "bias"), False, None,
+                           self.eps, None)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"

@@ -3,6 +3,7 @@
 import torch
 from torch import Tensor
 
+from ._members import member
 from .functional import _batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -17,23 +18,29 @@ class _BatchNormForward:
     """
 
     def _bn_arguments(self):
-        """(running_mean, running_var, training, num_batches_tracked) as
-        torch's ``_BatchNorm.forward`` passes them to the functional op."""
+        """(running_mean, running_var, weight, bias, training,
+        num_batches_tracked) as torch's ``_BatchNorm.forward`` passes them to
+        the functional op."""
+        params, buffers = self._parameters, self._buffers
+        running_mean = member(self, buffers, "running_mean")
+        running_var = member(self, buffers, "running_var")
         # Batch statistics in training, and in eval when there are no buffers.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        bn_training = self.training or (running_mean is None and running_var is None)
         tracking = self.training and self.track_running_stats
         # Buffers are only updated when they are used for normalization
         # (eval) or when they track stats (training).
         use_buffers = not self.training or self.track_running_stats
-        return (self.running_mean if use_buffers else None,
-                self.running_var if use_buffers else None,
+        return (running_mean if use_buffers else None,
+                running_var if use_buffers else None,
+                member(self, params, "weight"),
+                member(self, params, "bias"),
                 bn_training,
-                self.num_batches_tracked if tracking else None)
+                member(self, buffers, "num_batches_tracked") if tracking else None)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        running_mean, running_var, bn_training, nbt = self._bn_arguments()
-        return _batch_norm(input, running_mean, running_var, self.weight, self.bias,
+        running_mean, running_var, weight, bias, bn_training, nbt = self._bn_arguments()
+        return _batch_norm(input, running_mean, running_var, weight, bias,
                            bn_training, self.momentum, self.eps, nbt)
 
 
