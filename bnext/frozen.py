@@ -39,10 +39,10 @@ class _FrozenBatchNorm(torch.nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() not in self._dims:
             raise ValueError(f"expected {self._shape} input (got {input.dim()}D input)")
-        b = self._buffers
-        return _batch_norm(input, member(self, b, "running_mean"), member(self, b, "running_var"),
-                           member(self, b, "weight"), member(self, b, "bias"), False, None,
-                           self.eps, None)
+        buffers = self._buffers
+        return _batch_norm(input, member(self, buffers, "running_mean"),
+                           member(self, buffers, "running_var"), member(self, buffers, "weight"),
+                           member(self, buffers, "bias"), False, None, self.eps, None)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"

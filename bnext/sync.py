@@ -147,14 +147,13 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
     # process-group calls inside an autograd.Function, which it cannot do.
     @torch.compiler.disable
     def _synced_forward(self, input, group, world):
-        tracking = self.track_running_stats
-        running_mean = self.running_mean if tracking else None
-        running_var = self.running_var if tracking else None
-        check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias,
-                              False, self.eps)
+        # Training (forward only gets here then): the running stats and
+        # num_batches_tracked when they are tracked, None otherwise.
+        running_mean, running_var, weight, bias, _, nbt = self._bn_arguments()
+        check_batch_norm_args(input, running_mean, running_var, weight, bias, False, self.eps)
         return _SyncBatchNormFn.apply(
-            input, self.weight, self.bias, running_mean, running_var,
-            self.num_batches_tracked if tracking else None, self.eps, self.momentum, group, world)
+            input, weight, bias, running_mean, running_var, nbt, self.eps, self.momentum,
+            group, world)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
