@@ -97,7 +97,9 @@ def _extension():
         return cpp_extension.CUDAExtension(
             "bnext._C",
             cpu_sources + cuda_sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            # -lineinfo: compute-sanitizer and ncu name source lines; it adds
+            # no code, only line tables.
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=link_flags,
         )
     return cpp_extension.CppExtension(

@@ -5,6 +5,7 @@
     python -m benchmarks.bench --device cuda        # batch 256
     python -m benchmarks.bench --fused relu         # BN+ReLU: bnext.BatchNormAct2d
                                                     # vs BatchNorm2d followed by ReLU
+    python -m benchmarks.bench --fused relu --residual   # BN+add+ReLU
 
 For each shape, layout (NCHW, channels_last), dtype and mode (training
 forward, forward+backward, eval) the implementations run interleaved in one
@@ -14,7 +15,10 @@ module under torch.compile, and bnext. Each repeat times every implementation
 once with torch.utils.benchmark; the table reports medians over repeats, the
 speedup over torch, time in "copies" (time / time of the plain copy) and the
 effective bandwidth over the minimum bytes a streaming kernel must move
-(training forward 3S, forward+backward 3S + 5S, eval 2S, S = tensor bytes).
+(training forward 3S, forward+backward 3S + 5S, eval 2S, S = tensor bytes;
+a residual adds S to each forward and 2S to forward+backward), and
+"copy_fraction": the time of a copy moving those bytes over the time taken,
+i.e. the fraction of copy bandwidth reached at the op's pass count.
 
 On CUDA each call is timed alone between two CUDA events after an L2 flush
 (median over repeats, implementations interleaved), and every row records
@@ -51,6 +55,8 @@ from benchmarks.shapes import shape_set
 MODES = ("fwd", "fwdbwd", "eval")
 # Minimum bytes a streaming implementation moves, in units of the tensor size.
 PASSES = {"fwd": 3, "fwdbwd": 8, "eval": 2}
+# What a residual adds: read it in the forward, write its gradient in the backward.
+RESIDUAL_PASSES = {"fwd": 1, "fwdbwd": 2, "eval": 1}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -104,22 +110,32 @@ ACTIVATIONS = {"relu": torch.nn.ReLU, "leaky_relu": torch.nn.LeakyReLU, "elu": t
 
 
 class BNAct(torch.nn.Module):
-    """torch's unfused pair: BatchNorm followed by an activation module."""
+    """torch's unfused pair: BatchNorm followed by an activation module
+    (with a residual: BatchNorm, add, activation)."""
 
     def __init__(self, bn, act):
         super().__init__()
         self.bn = bn
         self.act = act
 
-    def forward(self, x):
-        return self.act(self.bn(x))
+    def forward(self, x, residual=None):
+        y = self.bn(x)
+        return self.act(y if residual is None else y + residual)
 
 
-def build_impls(shape, layout, dtype, mode, device, with_compile, fused=None):
+def _bnext_fused(ref):
+    """The BatchNormAct that bnext's converter makes of torch's BN + act."""
+    seq = bnext.convert_batchnorm(torch.nn.Sequential(copy.deepcopy(ref.bn), copy.deepcopy(ref.act)),
+                                  fuse_activations=True)
+    return seq[0]
+
+
+def build_impls(shape, layout, dtype, mode, device, with_compile, fused=None, residual=False):
     """name -> zero-argument callable for one (shape, layout, dtype, mode).
 
     fused: an activation name; torch runs BN then that activation, bnext the
-    fused BatchNormAct its converter makes of the pair.
+    fused BatchNormAct its converter makes of the pair. residual: both also
+    add a residual tensor before the activation.
     """
     torch_cls, _ = _module_classes(len(shape))
     C = shape[1]
@@ -129,7 +145,7 @@ def build_impls(shape, layout, dtype, mode, device, with_compile, fused=None):
     if fused:
         ref = BNAct(ref, ACTIVATIONS[fused]())
     models = {"torch": ref,
-              "bnext": bnext.convert_batchnorm(copy.deepcopy(ref), fuse_activations=bool(fused))}
+              "bnext": _bnext_fused(ref) if fused else bnext.convert_batchnorm(copy.deepcopy(ref))}
     if with_compile:
         # A fresh dynamo cache per case: every case is a new module of the
         # same class, so without a reset the 9th case would exceed dynamo's
@@ -138,6 +154,7 @@ def build_impls(shape, layout, dtype, mode, device, with_compile, fused=None):
         models["torch.compile"] = torch.compile(copy.deepcopy(ref))
     x = make_input(shape, layout, dtype, device)
     dy = make_input(shape, layout, dtype, device)
+    extra = (make_input(shape, layout, dtype, device),) if residual else ()
     # The copy baseline allocates its output like every BN implementation
     # does: above glibc's mmap threshold (32 MiB) a fresh allocation costs
     # page faults that dwarf the copy itself, for torch and bnext alike.
@@ -148,16 +165,17 @@ def build_impls(shape, layout, dtype, mode, device, with_compile, fused=None):
 
             def run(m=m):
                 with torch.no_grad():
-                    return m(x)
+                    return m(x, *extra)
         elif mode == "fwd":
             def run(m=m):
-                return m(x)
+                return m(x, *extra)
         else:
             xg = x.detach().requires_grad_(True)
-            params = [xg] + [p for p in m.parameters()]
+            rg = tuple(r.detach().requires_grad_(True) for r in extra)
+            params = [xg, *rg] + [p for p in m.parameters()]
 
-            def run(m=m, xg=xg, params=params):
-                return torch.autograd.grad(m(xg), params, dy)
+            def run(m=m, xg=xg, rg=rg, params=params):
+                return torch.autograd.grad(m(xg, *rg), params, dy)
         impls[name] = run
     return impls, x
 
@@ -245,11 +263,18 @@ def run(args):
                     cases.append((name, shape, layout, dt, mode))
 
     rows = []
+    start = time.monotonic()
     for name, shape, layout, dt, mode in tqdm(cases, desc="benchmark", unit="case", file=sys.stderr):
+        if args.time_budget and time.monotonic() - start > args.time_budget:
+            args.truncated = True
+            print(f"time budget of {args.time_budget:.0f} s spent: {len(cases) - len(rows)} "
+                  "cases not run", file=sys.stderr)
+            break
         impls, x = build_impls(shape, layout, DTYPES[dt], mode, device, not args.no_compile,
-                               args.fused)
+                               args.fused, args.residual)
         t = time_case(impls, args.repeats, args.min_time, device)
         nbytes = x.numel() * x.element_size()
+        passes = PASSES[mode] + (RESIDUAL_PASSES[mode] if args.residual else 0)
         row = {"case": name, "shape": list(shape), "layout": layout, "dtype": dt, "mode": mode,
                "bytes": nbytes, "ms": {k: v * 1e3 for k, v in t.items()}}
         row["speedup_vs_torch"] = t["torch"] / t["bnext"]
@@ -257,7 +282,9 @@ def run(args):
             row["speedup_vs_compile"] = t["torch.compile"] / t["bnext"]
         row["copies"] = {k: v / t["copy"] for k, v in t.items() if k != "copy"}
         row["copy_GBps"] = 2 * nbytes / t["copy"] / 1e9
-        row["bnext_effective_GBps"] = PASSES[mode] * nbytes / t["bnext"] / 1e9
+        row["passes"] = passes
+        row["copy_fraction"] = {k: passes / 2 * t["copy"] / v for k, v in t.items() if k != "copy"}
+        row["bnext_effective_GBps"] = passes * nbytes / t["bnext"] / 1e9
         if device == "cuda":
             row["torch_backend"] = torch_backend(shape, layout, DTYPES[dt], mode, device)
         rows.append(row)
@@ -275,7 +302,7 @@ def print_table(rows, out=sys.stdout):
     head = (f"{'case':<24} {'layout':<13} {'dtype':<5} {'mode':<7} {'copy ms':>8} {'torch ms':>9} "
             + (f"{'compile ms':>10} " if has_compile else "")
             + f"{'bnext ms':>9} {'vs torch':>8} " + (f"{'vs comp':>8} " if has_compile else "")
-            + f"{'copies':>7} {'torch cp':>8} {'GB/s':>6}")
+            + f"{'copies':>7} {'torch cp':>8} {'GB/s':>6} {'copy bw':>7}")
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in rows:
@@ -284,7 +311,8 @@ def print_table(rows, out=sys.stdout):
               f"{ms['torch']:>9.3f} " + (f"{ms['torch.compile']:>10.3f} " if has_compile else "")
               + f"{ms['bnext']:>9.3f} {r['speedup_vs_torch']:>7.2f}x "
               + (f"{r['speedup_vs_compile']:>7.2f}x " if has_compile else "")
-              + f"{r['copies']['bnext']:>7.2f} {r['copies']['torch']:>8.2f} {r['bnext_effective_GBps']:>6.1f}",
+              + f"{r['copies']['bnext']:>7.2f} {r['copies']['torch']:>8.2f} {r['bnext_effective_GBps']:>6.1f}"
+              + f" {r['copy_fraction']['bnext']:>6.0%}",
               file=out)
     print(file=out)
     for dt in sorted({r["dtype"] for r in rows}):
@@ -329,7 +357,8 @@ def plot(rows, path, info):
             ax.set_ylabel("speedup (x)")
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
-    what = f"BN+{info['fused']} (fused)" if info.get("fused") else "batch norm"
+    what = (f"BN+{'add+' if info.get('residual') else ''}{info['fused']} (fused)"
+            if info.get("fused") else "batch norm")
     fig.suptitle(f"bnext vs torch {what}: {info.get('gpu') or info.get('cpu')}, "
                  f"{info['threads']} threads, torch {info['torch']}")
     fig.tight_layout()
@@ -362,6 +391,10 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--fused", default=None, choices=sorted(ACTIVATIONS),
                    help="benchmark BN + this activation (bnext.BatchNormAct vs torch's pair)")
+    p.add_argument("--residual", action="store_true",
+                   help="with --fused: add a residual before the activation (BN+add+act)")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds: start no case after this (0: no limit); the JSON says if truncated")
     p.add_argument("--quick", action="store_true", help="5 shapes only")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>.json)")
     p.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
@@ -370,20 +403,25 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.dtypes is None:
         args.dtypes = "fp32,bf16" if args.device == "cpu" else "fp16,bf16,fp32"
+    if args.residual and not args.fused:
+        p.error("--residual needs --fused ACT")
+    args.truncated = False
     if args.malloc == "cached":
         _reexec_with_cached_malloc(argv)
 
     info = machine_info(args.device)
     info["fused"] = args.fused
+    info["residual"] = args.residual
     info["malloc"] = (" ".join(f"{k}={v}" for k, v in CACHED_MALLOC_ENV.items())
                       if args.malloc == "cached" else "glibc defaults")
     rows = run(args)
     print_table(rows)
-    stem = args.device + (f"_fused_{args.fused}" if args.fused else "")
+    stem = args.device + (f"_fused_{'add_' if args.residual else ''}{args.fused}" if args.fused else "")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{stem}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"machine": info, "args": vars(args), "results": rows}, f, indent=1)
+        json.dump({"machine": info, "args": vars(args), "truncated": args.truncated,
+                   "results": rows}, f, indent=1)
     png = args.plot or os.path.splitext(out)[0] + ".png"
     plot(rows, png, info)
     print(f"wrote {out} and {png}")

@@ -59,8 +59,8 @@ void check_residual(const at::Tensor& input, const std::optional<at::Tensor>& re
 
 // memory_saving recovers x_hat from the output, so it needs an invertible
 // activation and, when scan_weight, no zero weight (ValueError). The weight
-// scan reads the values on the host: a device backend passes false where a
-// sync is not allowed (CUDA graph capture).
+// scan reads the values on the host: the CUDA ops pass false and check the
+// weight in their kernels instead (no synchronisation, graph-capturable).
 void check_memory_saving(
     std::string_view activation,
     double negative_slope,

@@ -263,6 +263,9 @@ __global__ void backward_finalize_kernel(
   const double m = st.mean[c];
   const double is = static_cast<double>(st.invstd(c));
   const double w = static_cast<double>(st.w(c));
+  if (from_output) {
+    BNEXT_DEVICE_REQUIRE(w != 0.0, BNEXT_MEMORY_SAVING_ZERO_WEIGHT);
+  }
   // sum g * (x - mean): t is x - mh (from the input) or (x - mean) / x_per_t.
   const double x_per_t = from_output ? 1.0 / (w * is) : 1.0;
   const double sx = from_output ? sgt * x_per_t : sgt - (m - static_cast<double>(mh)) * s;

@@ -25,12 +25,4 @@ int sm_count() {
   return cached[device];
 }
 
-bool stream_is_capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
-    return true;  // cannot tell: behave as under capture (no host reads)
-  }
-  return status != cudaStreamCaptureStatusNone;
-}
-
 }  // namespace bnext::cuda

@@ -173,6 +173,26 @@ struct Welford {
   }
 };
 
+// ------------------------------------------------------------------ checks
+
+// A check that depends on tensor values fails on the device, as torch's own
+// CUDA kernels do (CUDA_KERNEL_ASSERT): a host exception would need a
+// synchronisation per call, which also rules out CUDA-graph capture. The
+// error surfaces at the next synchronising call as "device-side assert
+// triggered", with `msg` printed by the device.
+#define BNEXT_DEVICE_REQUIRE(cond, msg)                                              \
+  do {                                                                               \
+    if (!(cond)) {                                                                   \
+      __assert_fail(msg, __FILE__, static_cast<unsigned>(__LINE__), __func__);      \
+    }                                                                                \
+  } while (0)
+
+// memory_saving recovers x_hat = (y - bias) / weight, so a zero weight is
+// an argument error (the CPU ops raise ValueError for it).
+#define BNEXT_MEMORY_SAVING_ZERO_WEIGHT                                              \
+  "bnext: memory_saving=True cannot recover x_hat = (y - bias) / weight in a "       \
+  "channel whose weight is 0; use memory_saving=False for this layer"
+
 // ------------------------------------------------------------------ geometry
 
 constexpr int kThreads = 256;

@@ -42,6 +42,8 @@ std::size_t batch_stats_workspace_bytes(const Shape& shape, DType dtype);
 //   var * n/(n-1) (acc), and coef = [mean_hi | alpha | beta] (acc, 3*C), the
 //   coefficients of out = (x - mean_hi) * alpha + beta.
 // An empty batch (N*S == 0) gets mean 0 and variance 0, like the CPU kernels.
+// require_nonzero_weight (memory_saving) makes a zero weight a device-side
+// assert (device_utils.cuh, BNEXT_DEVICE_REQUIRE).
 cudaError_t launch_batch_stats(
     DType dtype,
     const Shape& shape,
@@ -49,6 +51,7 @@ cudaError_t launch_batch_stats(
     const void* weight,
     const void* bias,
     double eps,
+    bool require_nonzero_weight,
     void* workspace,
     double* save_mean,
     void* save_invstd,
@@ -101,6 +104,7 @@ cudaError_t launch_update_running(
 //   t = act^-1(y) - residual - bias = w * x_hat (from the output),
 //   pass 1: sum_g, sum_gt per channel (and g -> grad_residual),
 //   pass 2: grad_input = g * A + t * B + K.
+// From the output, a zero weight is a device-side assert (x_hat is lost).
 struct BackwardArgs {
   const void* grad_output = nullptr;
   const void* saved = nullptr;  // x, or the forward's output
@@ -130,9 +134,5 @@ cudaError_t launch_batch_norm_backward(
     const BackwardArgs& args,
     void* workspace,
     cudaStream_t stream);
-
-// Whether `stream` is being captured into a CUDA graph (the binding skips
-// checks that would read device memory on the host).
-bool stream_is_capturing(cudaStream_t stream);
 
 }  // namespace bnext::cuda

@@ -4,8 +4,10 @@
 // errors before anything is mutated. Outputs, statistics and the workspace
 // come from torch's caching allocator; every launch goes on the current
 // stream, and nothing here reads device memory on the host, so a training
-// step can be captured in a CUDA graph. (Two opt-in checks are the
-// exception, and are skipped under capture: memory_saving's zero-weight scan.)
+// step can be captured in a CUDA graph. The one check that depends on
+// values, memory_saving's nonzero weight, runs in the kernels that read the
+// weight anyway (a device-side assert, as torch's CUDA kernels report such
+// errors), so it costs no launch and no synchronisation.
 //
 // This file includes no CUDA header of torch (the stream comes through
 // c10::Stream::native_handle), so it also compiles against a CPU-only torch.
@@ -87,16 +89,13 @@ Act act_of(c10::string_view activation) {
   return parse_activation(std::string_view(activation.data(), activation.size()));
 }
 
-// memory_saving's checks; the zero-weight scan reads the weight on the host,
-// so it is skipped while the stream is being captured.
+// memory_saving's host-side check (an invertible activation); the nonzero
+// weight is checked on the device, by the statistics and backward kernels.
 void check_memory_saving_cuda(
-    c10::string_view activation,
-    double negative_slope,
-    const optional<Tensor>& weight,
-    cudaStream_t stream) {
+    c10::string_view activation, double negative_slope, const optional<Tensor>& weight) {
   check_memory_saving(
       std::string_view(activation.data(), activation.size()), negative_slope, weight,
-      /*scan_weight=*/!stream_is_capturing(stream));
+      /*scan_weight=*/false);
 }
 
 // Statistics + normalization (+ residual, activation): training forward.
@@ -107,7 +106,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> train_forward(
     const optional<Tensor>& residual,
     double eps,
     Act act,
-    double negative_slope) {
+    double negative_slope,
+    bool memory_saving) {
   const at::MemoryFormat fmt = output_memory_format(input);
   const Tensor x = input.contiguous(fmt);
   const Tensor r = dense(residual, fmt);
@@ -125,7 +125,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> train_forward(
   const cudaStream_t stream = current_stream(x);
   check_cuda(
       launch_batch_stats(
-          dt, shape, ptr(x), ptr(w), ptr(b), eps, ws.mutable_data_ptr(),
+          dt, shape, ptr(x), ptr(w), ptr(b), eps, memory_saving, ws.mutable_data_ptr(),
           save_mean.mutable_data_ptr<double>(), save_invstd.mutable_data_ptr(),
           unbiased_var.mutable_data_ptr(), coef.mutable_data_ptr(), stream),
       "batch statistics");
@@ -259,7 +259,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train(
   check_batch_norm_args(input, weight, bias, std::nullopt, std::nullopt);
   check_eps(eps, /*training=*/true);
   const c10::DeviceGuard guard(input.device());
-  return train_forward(input, weight, bias, std::nullopt, eps, Act::Identity, 0.0);
+  return train_forward(
+      input, weight, bias, std::nullopt, eps, Act::Identity, 0.0, /*memory_saving=*/false);
 }
 
 Tensor batch_norm_eval(
@@ -358,9 +359,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_train(
   const Act act = act_of(activation);
   const c10::DeviceGuard guard(input.device());
   if (memory_saving) {
-    check_memory_saving_cuda(activation, negative_slope, weight, current_stream(input));
+    check_memory_saving_cuda(activation, negative_slope, weight);
   }
-  return train_forward(input, weight, bias, residual, eps, act, negative_slope);
+  return train_forward(input, weight, bias, residual, eps, act, negative_slope, memory_saving);
 }
 
 Tensor batch_norm_act_eval(
@@ -379,8 +380,10 @@ Tensor batch_norm_act_eval(
   check_residual(input, residual);
   const Act act = act_of(activation);
   const c10::DeviceGuard guard(input.device());
+  // The eval output needs no inverse; its backward (from the output) checks
+  // the weight on the device.
   if (memory_saving) {
-    check_memory_saving_cuda(activation, negative_slope, weight, current_stream(input));
+    check_memory_saving_cuda(activation, negative_slope, weight);
   }
   return eval_forward(
       input, running_mean, running_var, weight, bias, residual, eps, act, negative_slope);
@@ -414,7 +417,7 @@ batch_norm_act_backward(
   const Act act = act_of(activation);
   const c10::DeviceGuard guard(saved.device());
   if (saved_is_output) {
-    check_memory_saving_cuda(activation, negative_slope, weight, current_stream(saved));
+    check_memory_saving_cuda(activation, negative_slope, weight);
   }
   const auto out = backward(BackwardRequest{
       grad_output, saved, saved_is_output, weight, bias, residual, running_mean, running_var,

@@ -195,6 +195,7 @@ __global__ void stats_finalize_kernel(
     const A* __restrict__ weight,
     const A* __restrict__ bias,
     double eps,
+    bool require_nonzero_weight,
     double* __restrict__ save_mean,
     A* __restrict__ save_invstd,
     A* __restrict__ unbiased_var,
@@ -213,6 +214,9 @@ __global__ void stats_finalize_kernel(
   w.merge_warp();
   if (lane != 0) {
     return;
+  }
+  if (require_nonzero_weight && weight != nullptr) {
+    BNEXT_DEVICE_REQUIRE(weight[c] != A(0), BNEXT_MEMORY_SAVING_ZERO_WEIGHT);
   }
   // An empty batch has no statistics: mean 0 and variance 0, so that no NaN
   // leaks into the (empty) output's gradients.
@@ -248,6 +252,7 @@ cudaError_t launch_batch_stats(
     const void* weight,
     const void* bias,
     double eps,
+    bool require_nonzero_weight,
     void* workspace,
     double* save_mean,
     void* save_invstd,
@@ -283,8 +288,9 @@ cudaError_t launch_batch_stats(
       constexpr int kWarps = kThreads / 32;
       const unsigned blocks = static_cast<unsigned>((shape.C + kWarps - 1) / kWarps);
       stats_finalize_kernel<T><<<blocks, kThreads, 0, stream>>>(
-          static_cast<const T*>(x), shape.C, shape.S, shape.channels_inner, g.splits, parts, static_cast<const A*>(weight), static_cast<const A*>(bias),
-          eps, save_mean, static_cast<A*>(save_invstd), static_cast<A*>(unbiased_var),
+          static_cast<const T*>(x), shape.C, shape.S, shape.channels_inner, g.splits, parts,
+          static_cast<const A*>(weight), static_cast<const A*>(bias), eps, require_nonzero_weight,
+          save_mean, static_cast<A*>(save_invstd), static_cast<A*>(unbiased_var),
           static_cast<A*>(coef));
       return cudaGetLastError();
     });
