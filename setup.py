@@ -77,19 +77,24 @@ def _cpu_capability():
     return "avx2" if avx2 <= flags else "default"
 
 
-def _extension():
-    cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+def cxx_flags(capability):
+    """Host compiler flags for the C++ sources (tools/check_torch_versions.py
+    compiles with the same)."""
     # at::parallel_for expands to `#pragma omp parallel` in our own object
     # files, so OpenMP must be on here; libgomp resolves to the copy torch
     # already loaded (same soname).
-    capability = _cpu_capability()
-    print(f"bnext: building CPU kernels for {capability}")
     # -fno-tree-loop-distribute-patterns: GCC otherwise turns the zeroing
     # loop of a kernel's accumulator array into a memset, and the array then
-    # lives on the stack (512-bit accumulators of the planar statistics went
-    # through memory, 1.3x slower on 7x7 bfloat16 planes).
-    cxx_flags = ["-O3", "-fopenmp", "-fno-tree-loop-distribute-patterns"] + _CAPABILITY_FLAGS[capability]
+    # lives on the stack (slower planar statistics on small bfloat16 planes).
+    return ["-O3", "-fopenmp", "-fno-tree-loop-distribute-patterns"] + _CAPABILITY_FLAGS[capability]
+
+
+def _extension():
+    cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    capability = _cpu_capability()
+    print(f"bnext: building CPU kernels for {capability}")
+    cxx = cxx_flags(capability)
     link_flags = ["-fopenmp"]
     if _want_cuda() and cuda_sources:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -99,18 +104,21 @@ def _extension():
             cpu_sources + cuda_sources,
             # -lineinfo: compute-sanitizer and ncu name source lines; it adds
             # no code, only line tables.
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=link_flags,
         )
     return cpp_extension.CppExtension(
         "bnext._C",
         cpu_sources,
-        extra_compile_args={"cxx": cxx_flags},
+        extra_compile_args={"cxx": cxx},
         extra_link_args=link_flags,
     )
 
 
-setup(
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-)
+# pip's build backend and `python setup.py` both run this file as __main__;
+# tools/check_torch_versions.py imports it for cxx_flags alone.
+if __name__ == "__main__":
+    setup(
+        ext_modules=[_extension()],
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    )

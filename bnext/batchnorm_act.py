@@ -75,9 +75,12 @@ an activation does; ``memory_saving=True``, the output (and the residual).
 
 Raises:
     ValueError: unknown activation; memory_saving with a non-invertible
-        activation (at construction) or a zero weight (at forward, before any
-        buffer changes); the errors of ``torch.nn.BatchNorm{d}d``.
-    RuntimeError: a residual of another shape, dtype or device.
+        activation (at construction) or, on the CPU, a zero weight (at
+        forward, before any buffer changes); the errors of
+        ``torch.nn.BatchNorm{d}d``.
+    RuntimeError: a residual of another shape, dtype or device; on CUDA,
+        memory_saving with a zero weight (a device-side assert, reported by
+        the next synchronising call: the check never synchronises).
 """
 
 

@@ -163,8 +163,11 @@ def batch_norm_act(
 
     Raises:
         ValueError: as :func:`batch_norm`; an unknown activation;
-            ``memory_saving`` with a non-invertible activation or a zero
-            weight (checked before any buffer changes).
+            ``memory_saving`` with a non-invertible activation, or, on the
+            CPU, a zero weight (checked before any buffer changes).
+        RuntimeError: on CUDA, ``memory_saving`` with a zero weight: a
+            device-side assert in the kernels that read the weight (no host
+            synchronisation), reported by the next synchronising call.
         RuntimeError: as :func:`batch_norm`; a residual of another shape,
             dtype or device.
 
@@ -194,8 +197,8 @@ def _batch_norm_act(
             input, running_mean, running_var, weight, bias, residual, eps, activation,
             negative_slope, memory_saving,
         )
-    # The op runs first: it is where a zero weight under memory_saving is
-    # rejected, and it must reject it before the counter moves.
+    # The op runs first: on the CPU it is where a zero weight under
+    # memory_saving is rejected, and it must reject it before the counter moves.
     output, save_mean, _, unbiased_var = ops.batch_norm_act_train(
         input, weight, bias, residual, eps, activation, negative_slope, memory_saving
     )
