@@ -1,6 +1,6 @@
 // CPU implementations of the fused BatchNorm + activation ops: checks, then
 // the same statistics as plain batch norm and the fused passes of
-// fused_forward.cpp / fused_backward.cpp.
+// fused_forward.cpp / fused_backward_*.cpp.
 #include <ATen/TensorOperators.h>
 #include <torch/library.h>
 

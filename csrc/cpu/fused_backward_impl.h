@@ -1,8 +1,14 @@
+// The fused ops' backward passes as templates, shared by the translation
+// units that instantiate them (fused_backward_reduce*.cpp,
+// fused_backward_resident.cpp, fused_backward_elementwise.cpp): one file of
+// every instantiation was the build's longest compile by far.
+//
 // Backward of the fused ops: act'(z) is recomputed from the saved input
 // (or taken from the saved output, memory_saving), so neither the
 // pre-activation nor a mask is ever stored. Two passes, like plain batch
 // norm: the sums, then grad_input (for large NCHW inputs in one resident
 // walk, as plain batch norm's).
+#pragma once
 #include <ATen/Dispatch.h>
 
 #include <vector>
@@ -12,9 +18,7 @@
 #include "resident_driver.h"
 #include "step_drivers.h"
 
-namespace bnext::cpu {
-
-namespace {
+namespace bnext::cpu::act_backward_detail {
 
 // Rebuilds g = dy * act'(z) and t for one step.
 template <typename scalar_t, Act A, bool kFromOutput, bool kResidual>
@@ -262,71 +266,42 @@ bool resident_impl(
 }
 
 // Calls fn.template operator()<scalar_t, A, kFromOutput, kRes>() for the
-// runtime source; memory_saving instantiates the invertible activations only.
-template <typename Fn>
-void dispatch_source(const at::Tensor& dy, const GradSource& src, Fn&& fn) {
-  const bool res = src.residual.defined();
+// runtime dtype and source, with or without a residual as kRes says;
+// memory_saving instantiates the invertible activations only.
+template <bool kRes, typename Fn>
+void dispatch_source_for(const at::Tensor& dy, const GradSource& src, Fn&& fn) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, dy.scalar_type(), "bnext_act_backward", [&] {
         if (src.from_output) {
           dispatch_invertible_act(src.spec.act, [&](auto a) {
-            if (res) {
-              fn.template operator()<scalar_t, decltype(a)::value, true, true>();
-            } else {
-              fn.template operator()<scalar_t, decltype(a)::value, true, false>();
-            }
+            fn.template operator()<scalar_t, decltype(a)::value, true, kRes>();
           });
         } else {
           dispatch_act(src.spec.act, [&](auto a) {
-            if (res) {
-              fn.template operator()<scalar_t, decltype(a)::value, false, true>();
-            } else {
-              fn.template operator()<scalar_t, decltype(a)::value, false, false>();
-            }
+            fn.template operator()<scalar_t, decltype(a)::value, false, kRes>();
           });
         }
       });
 }
 
-}  // namespace
+// The same for the runtime residual.
+template <typename Fn>
+void dispatch_source(const at::Tensor& dy, const GradSource& src, Fn&& fn) {
+  if (src.residual.defined()) {
+    dispatch_source_for<true>(dy, src, fn);
+  } else {
+    dispatch_source_for<false>(dy, src, fn);
+  }
+}
 
-void act_backward_reduce(
+// act_backward_reduce with a residual: a translation unit of its own
+// (fused_backward_reduce_residual.cpp), the sums being the costliest
+// templates to compile.
+void act_backward_reduce_residual(
     const at::Tensor& dy,
     const GradSource& src,
     at::Tensor& grad_residual,
     at::Tensor& sum_g,
-    at::Tensor& sum_gt) {
-  dispatch_source(dy, src, [&]<typename scalar_t, Act A, bool kOut, bool kRes>() {
-    reduce_impl<scalar_t, A, kOut, kRes>(dy, src, grad_residual, sum_g, sum_gt);
-  });
-}
+    at::Tensor& sum_gt);
 
-bool act_backward_resident(
-    const at::Tensor& dy,
-    const GradSource& src,
-    const ActBackwardStats& stats,
-    at::Tensor& grad_residual,
-    at::Tensor& sum_g,
-    at::Tensor& sum_gt,
-    at::Tensor& dx) {
-  bool done = false;
-  dispatch_source(dy, src, [&]<typename scalar_t, Act A, bool kOut, bool kRes>() {
-    done = resident_impl<scalar_t, A, kOut, kRes>(dy, src, stats, grad_residual, sum_g, sum_gt, dx);
-  });
-  return done;
-}
-
-void act_backward_elementwise(
-    const at::Tensor& dy,
-    const GradSource& src,
-    const at::Tensor& grad_residual,
-    const at::Tensor& A,
-    const at::Tensor& B,
-    const at::Tensor& K,
-    at::Tensor& dx) {
-  dispatch_source(dy, src, [&]<typename scalar_t, Act Ac, bool kOut, bool kRes>() {
-    elementwise_impl<scalar_t, Ac, kOut, kRes>(dy, src, grad_residual, A, B, K, dx);
-  });
-}
-
-}  // namespace bnext::cpu
+}  // namespace bnext::cpu::act_backward_detail
