@@ -1,6 +1,7 @@
 """A whole training step under CUDA graphs: torch.compile(mode="reduce-overhead")
 and manual torch.cuda.graph capture. Running stats and num_batches_tracked
-advance exactly once per replay. GPU only."""
+advance exactly once per replay; the fused memory_saving layer captures too
+(its weight check runs on the device). GPU only."""
 
 import copy
 
@@ -13,11 +14,14 @@ from conftest import requires_bnext_cuda
 pytestmark = requires_bnext_cuda
 
 
-def _net(momentum):
+def _net(momentum, fused=False):
     torch.manual_seed(3)
+    bn_act = ([bnext.BatchNormAct2d(8, activation="leaky_relu", negative_slope=0.1,
+                                    memory_saving=True, momentum=momentum)] if fused
+              else [bnext.BatchNorm2d(8, momentum=momentum), torch.nn.ReLU()])
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), bnext.BatchNorm2d(8, momentum=momentum),
-        torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 4),
+        torch.nn.Conv2d(3, 8, 3, padding=1), *bn_act, torch.nn.Flatten(),
+        torch.nn.Linear(8 * 36, 4),
     ).cuda()
 
 
@@ -44,9 +48,10 @@ def test_reduce_overhead_training_matches_eager(momentum):
     assert model[1].num_batches_tracked.item() == 5
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["BatchNorm2d", "BatchNormAct2d-memory_saving"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "momentumNone"])
-def test_graph_captured_training_step(momentum):
-    eager = _net(momentum)
+def test_graph_captured_training_step(momentum, fused):
+    eager = _net(momentum, fused)
     model = copy.deepcopy(eager)
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

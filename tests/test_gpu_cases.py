@@ -8,13 +8,15 @@ the pack width, inputs whose storage offset breaks 16-byte alignment, an
 empty batch and a float16 tensor of more than 2**31 elements.
 
 Every case runs on the CPU too, in CI, except those marked cuda-only (their
-size is the point), so the checks themselves are rehearsed before GPU time is
-spent on them; ``python -m benchmarks.gpu_check`` runs this file on CUDA.
+size, or CUDA itself, is the point), so the checks themselves are rehearsed
+before GPU time is spent on them; ``python -m benchmarks.gpu_check`` runs this
+file and tests/test_cuda_graphs.py (graph capture and replay) on CUDA.
 
 The reference is torch's own batch norm on the same values in float64, on
 the same device, rounded to the tested dtype (``helpers.assert_close``).
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -26,27 +28,10 @@ import torch.nn.functional as F
 
 import bnext
 from conftest import requires_bnext_cuda
-from helpers import assert_close
+from helpers import DTYPES, assert_close, dtype_id
 
 CUDA = pytest.param("cuda", marks=requires_bnext_cuda)
 BOTH = ["cpu", CUDA]
-
-# (input dtype, parameter dtype): each input dtype once, float16 both with
-# float32 parameters (AMP) and with its own (a model converted by .half()).
-DTYPES = [
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-    (torch.float16, torch.float32),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-]
-SHORT = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
-
-
-def dtype_id(pair):
-    return f"{SHORT[pair[0]]}-{SHORT[pair[1]]}params"
-
 
 # (id, shape, layout, devices). "offset" is an input one element into its
 # storage: no 16-byte packs for 2-byte and 4-byte dtypes.
@@ -190,8 +175,9 @@ ACTS = {
 # activation, and is checked in float32/float64 only: with a float16/bfloat16
 # output, x_hat recovered from it carries the output's rounding divided by
 # |weight| (documented), which no fixed tolerance against torch describes.
-FUSED = [(act, False, d) for act in ("relu", "silu", "gelu") for d in DTYPES[:3] + DTYPES[4:5]]
-FUSED += [(act, True, d) for act in ("leaky_relu", "elu") for d in DTYPES[:2]]
+WIDE_PARAMS = [d for d in DTYPES if d[1] in (torch.float32, torch.float64)]
+FUSED = [(act, False, d) for act in ("relu", "silu", "gelu") for d in WIDE_PARAMS]
+FUSED += [(act, True, d) for act in ("leaky_relu", "elu") for d in WIDE_PARAMS if d[0] == d[1]]
 FUSED_IDS = [f"{a}-ms{int(m)}-{dtype_id(d)}" for a, m, d in FUSED]
 FUSED_CASES = [c for c in CASES if c[0].startswith(("nchw-5x7", "nhwc-C13", "nchw-offset",
                                                     "NC-C5", "multiblock-C3", "multiblock-C64"))]
@@ -315,58 +301,6 @@ def test_cuda_float16_over_2_31_elements(layout):
     torch.testing.assert_close(gb, gbr, rtol=1e-4, atol=1e-2)
 
 
-def _bn_step(model, opt, x):
-    opt.zero_grad(set_to_none=False)
-    loss = model(x).float().square().mean()
-    loss.backward()
-    opt.step()
-    return loss
-
-
-@requires_bnext_cuda
-@pytest.mark.parametrize("fused", [False, True], ids=["BatchNorm2d", "BatchNormAct2d-memory_saving"])
-@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "momentumNone"])
-def test_cuda_graph_replay_updates_running_stats_once(momentum, fused):
-    """A training step captured with torch.cuda.graph: each replay moves the
-    running stats and num_batches_tracked exactly once, as one eager step
-    does, on the current stream; memory_saving captures too (its weight
-    check runs on the device)."""
-    import copy
-
-    torch.manual_seed(1)
-    bn = (bnext.BatchNormAct2d(16, activation="leaky_relu", negative_slope=0.1,
-                               memory_saving=True, momentum=momentum)
-          if fused else bnext.BatchNorm2d(16, momentum=momentum))
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), bn).cuda()
-    model = model.to(memory_format=torch.channels_last)
-    eager = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
-    static_x = torch.randn(8, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            _bn_step(model, opt, static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    model.load_state_dict(start)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=False)
-    with torch.cuda.graph(graph):
-        _bn_step(model, opt, static_x)
-    model.load_state_dict(start)
-    for replay in range(3):
-        x = torch.randn_like(static_x)
-        static_x.copy_(x)
-        graph.replay()
-        _bn_step(eager, opt_e, x)
-        torch.cuda.synchronize()
-        assert int(model[1].num_batches_tracked) == replay + 1
-        for (k, a), b in zip(eager.state_dict().items(), model.state_dict().values()):
-            torch.testing.assert_close(b, a, msg=named(f"replay {replay}: {k}"))
-
-
 @requires_bnext_cuda
 @pytest.mark.parametrize("fused", [False, True], ids=["BatchNorm2d", "BatchNormAct2d-memory_saving"])
 def test_cuda_training_step_never_synchronizes(fused):
@@ -394,8 +328,6 @@ def test_cuda_training_step_never_synchronizes(fused):
 def test_cuda_compile_fullgraph(momentum):
     """torch.compile(fullgraph=True) of a conv + BN + fused BN-act network on
     CUDA equals eager over three training steps, buffers included."""
-    import copy
-
     torch._dynamo.reset()
     torch.manual_seed(2)
     eager = torch.nn.Sequential(
