@@ -1,23 +1,34 @@
-"""Builds bnext._C with torch.utils.cpp_extension.
+"""Builds bnext's compiled parts with torch.utils.cpp_extension.
 
-CPU sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built. CUDA sources
-(csrc/cuda/*.cu and the binding csrc/cuda/*.cpp) are added, with
-CUDAExtension, when the installed torch has CUDA and nvcc is found; set
-BNEXT_FORCE_CPU=1 to skip them anyway. The CUDA kernels are built for sm_80
-and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise (e.g. "9.0" for an
-H100/H200 only, which halves the build time).
+bnext._C holds the op schemas, the C++ autograd kernels, the argument
+checks, the CPU ops' registration and, when built, the CUDA kernels; it is
+compiled for the baseline x86-64 instruction set. The CPU kernels use
+at::vec::Vectorized, whose width is fixed at compile time, so they are
+compiled once per level of torch's own run-time dispatch, each into a
+library of its own, bnext/_cpu_<level>.so:
 
-The CPU kernels use at::vec::Vectorized, whose width is fixed at compile
-time. By default the build targets the widest instruction set the *building*
-machine has among DEFAULT, AVX2 (+FMA, F16C) and AVX512 (F, BW, VL, DQ), the
-same levels torch's own kernels dispatch between at run time (torch picks
-AVX512 on the CI VM's Zen 4, so an AVX2 bnext would race it at half the
-vector width). AVX512_BF16 is AVX512 plus the AVX512_BF16 extension (Zen 4,
-Cooper Lake, Sapphire Rapids and later), which rounds float32 to bfloat16 in
-one instruction instead of torch's integer emulation (csrc/cpu/vec_io.h).
-BNEXT_CPU_CAPABILITY=default|avx2|avx512|avx512_bf16 overrides the choice.
-bnext is built from source where it runs, so this is safe; a binary built
-with AVX2 will not run on a CPU without it.
+  default      baseline x86-64 (SSE2)
+  avx2         AVX2, FMA, F16C, BMI2
+  avx512       AVX-512 F, BW, VL, DQ (+ the avx2 set)
+  avx512_bf16  avx512 plus AVX512_BF16, which rounds float32 to bfloat16 in
+               one instruction (Zen 4, Cooper Lake, Sapphire Rapids and
+               later; csrc/cpu/vec_io.h)
+
+At import, bnext loads the highest level that the running CPU and torch
+allow (bnext/_cpu_capability.py), so one build runs on every x86-64 CPU.
+BNEXT_CPU_LEVELS=native builds only the building machine's level (a faster
+developer build whose result runs only on such CPUs); a comma-separated list
+builds those levels. The default, "all", is the portable build.
+
+CUDA sources (csrc/cuda/*.cu and the binding csrc/cuda/*.cpp) are added to
+bnext._C, with CUDAExtension, when the installed torch has CUDA and nvcc is
+found; BNEXT_FORCE_CPU=1 skips them. They are built for sm_80 and sm_90
+unless TORCH_CUDA_ARCH_LIST says otherwise (e.g. "9.0" for an H100/H200
+only, which halves the build time).
+
+The build records the torch it was built against in bnext/_build_info.py
+and in the version's local tag (0.1.0+torch2.13.0); importing bnext under
+another torch raises ImportError naming both.
 """
 
 import glob
@@ -26,6 +37,7 @@ import os
 from setuptools import setup
 
 try:
+    import torch
     from torch.utils import cpp_extension
 except ImportError as e:  # isolated build, or torch not installed yet
     raise SystemExit(
@@ -35,6 +47,7 @@ except ImportError as e:  # isolated build, or torch not installed yet
     ) from e
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
 
 
 def _sources(pattern):
@@ -42,14 +55,13 @@ def _sources(pattern):
 
 
 def _want_cuda():
-    import torch
-
     if os.environ.get("BNEXT_FORCE_CPU", "0") == "1":
         return False
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-_CAPABILITY_FLAGS = {
+LEVELS = ("default", "avx2", "avx512", "avx512_bf16")
+_LEVEL_FLAGS = {
     "default": [],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-mbmi2", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
@@ -57,15 +69,11 @@ _CAPABILITY_FLAGS = {
 }
 # Not a level of torch's dispatch: the same AVX512 Vectorized, with the
 # compiler allowed the bfloat16 conversion instructions (__AVX512BF16__).
-_CAPABILITY_FLAGS["avx512_bf16"] = _CAPABILITY_FLAGS["avx512"] + ["-mavx512bf16"]
+_LEVEL_FLAGS["avx512_bf16"] = _LEVEL_FLAGS["avx512"] + ["-mavx512bf16"]
 
 
-def _cpu_capability():
-    cap = os.environ.get("BNEXT_CPU_CAPABILITY", "auto").lower()
-    if cap != "auto":
-        if cap not in _CAPABILITY_FLAGS:
-            raise SystemExit(f"BNEXT_CPU_CAPABILITY must be one of {sorted(_CAPABILITY_FLAGS)} or auto")
-        return cap
+def native_level():
+    """The building machine's highest level (/proc/cpuinfo)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(next(l for l in f if l.startswith("flags")).split(":", 1)[1].split())
@@ -77,8 +85,20 @@ def _cpu_capability():
     return "avx2" if avx2 <= flags else "default"
 
 
-def cxx_flags(capability):
-    """Host compiler flags for the C++ sources (tools/check_torch_versions.py
+def build_levels():
+    spec = os.environ.get("BNEXT_CPU_LEVELS", "all").lower().strip()
+    if spec == "all":
+        return list(LEVELS)
+    if spec == "native":
+        return [native_level()]
+    wanted = {s.strip() for s in spec.split(",") if s.strip()}
+    if not wanted or wanted - set(LEVELS):
+        raise SystemExit(f"BNEXT_CPU_LEVELS must be all, native or a list from {LEVELS}")
+    return [level for level in LEVELS if level in wanted]
+
+
+def cxx_flags(level):
+    """Host compiler flags of a CPU level library (tools/check_torch_versions.py
     compiles with the same)."""
     # at::parallel_for expands to `#pragma omp parallel` in our own object
     # files, so OpenMP must be on here; libgomp resolves to the copy torch
@@ -86,39 +106,76 @@ def cxx_flags(capability):
     # -fno-tree-loop-distribute-patterns: GCC otherwise turns the zeroing
     # loop of a kernel's accumulator array into a memset, and the array then
     # lives on the stack (slower planar statistics on small bfloat16 planes).
-    return ["-O3", "-fopenmp", "-fno-tree-loop-distribute-patterns"] + _CAPABILITY_FLAGS[capability]
+    return (["-O3", "-fopenmp", "-fno-tree-loop-distribute-patterns", f"-DBNEXT_CPU_LEVEL={level}"]
+            + _LEVEL_FLAGS[level])
 
 
-def _extension():
-    cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+# Host sources of each library. The checks, layout and activation names are
+# compiled into every library that calls them, so that a level library needs
+# nothing from bnext._C.
+SHARED_SOURCES = ["csrc/activation_kind.cpp", "csrc/channel_layout.cpp", "csrc/checks.cpp"]
+
+
+def source_groups():
+    return {"_C": _sources("csrc/*.cpp"), "_cpu": _sources("csrc/cpu/*.cpp") + SHARED_SOURCES}
+
+
+def _write_build_info(levels, cuda):
+    with open(os.path.join(ROOT, "bnext", "_build_info.py"), "w") as f:
+        f.write('"""Written by setup.py when bnext is built (not in git)."""\n\n'
+                f"TORCH_VERSION = {torch.__version__!r}\n"
+                f"CPU_LEVELS = {tuple(levels)!r}\n"
+                f"CUDA = {cuda!r}\n")
+
+
+def _extensions():
+    groups = source_groups()
+    levels = build_levels()
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
-    capability = _cpu_capability()
-    print(f"bnext: building CPU kernels for {capability}")
-    cxx = cxx_flags(capability)
-    link_flags = ["-fopenmp"]
-    if _want_cuda() and cuda_sources:
+    cuda = _want_cuda() and bool(cuda_sources)
+    print(f"bnext: building CPU kernels for {', '.join(levels)}")
+    _write_build_info(levels, cuda)
+    if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         print(f"bnext: building CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
-        return cpp_extension.CUDAExtension(
+        main = cpp_extension.CUDAExtension(
             "bnext._C",
-            cpu_sources + cuda_sources,
+            groups["_C"] + cuda_sources,
             # -lineinfo: compute-sanitizer and ncu name source lines; it adds
             # no code, only line tables.
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
-            extra_link_args=link_flags,
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
         )
-    return cpp_extension.CppExtension(
-        "bnext._C",
-        cpu_sources,
-        extra_compile_args={"cxx": cxx},
-        extra_link_args=link_flags,
-    )
+    else:
+        main = cpp_extension.CppExtension("bnext._C", groups["_C"], extra_compile_args={"cxx": ["-O3"]})
+    per_level = [
+        cpp_extension.CppExtension(
+            f"bnext._cpu_{level}",
+            groups["_cpu"],
+            extra_compile_args={"cxx": cxx_flags(level)},
+            extra_link_args=["-fopenmp"],
+        )
+        for level in levels
+    ]
+    return [main] + per_level
+
+
+class _BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    def build_extension(self, ext):
+        # The libraries compile some of the same sources with other flags:
+        # an object folder each keeps them apart, and ninja's rebuilds minimal.
+        base = self.build_temp
+        self.build_temp = os.path.join(base, ext.name.rsplit(".", 1)[-1])
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = base
 
 
 # pip's build backend and `python setup.py` both run this file as __main__;
-# tools/check_torch_versions.py imports it for cxx_flags alone.
+# tools/check_torch_versions.py imports it for its flags and sources alone.
 if __name__ == "__main__":
     setup(
-        ext_modules=[_extension()],
-        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+        version=f"{VERSION}+torch{torch.__version__.split('+')[0]}",
+        ext_modules=_extensions(),
+        cmdclass={"build_ext": _BuildExtension},
     )

@@ -5,19 +5,25 @@ signature, and model converters. All computation runs in bnext's own C++
 (and, where built, CUDA) kernels, registered as ``torch.ops.bnext.*``.
 """
 
-from . import functional
-from ._ops import ops
-from . import _autograd  # noqa: F401  (autograd formulas)
-from . import _vmap  # noqa: F401  (batching rules for torch.vmap)
-from . import _act_autograd  # noqa: F401  (fused-op autograd)
-from .convert import convert_batchnorm, revert_batchnorm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .batchnorm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
-from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
-from .freeze import freeze_batchnorm, unfreeze_batchnorm
-from .fold import fold_batchnorm
-from .recalibrate import recalibrate_batchnorm
-from .sync import SyncBatchNorm
+from ._build import load_build_info as _load_build_info
+
+_load_build_info()  # before the compiled libraries: a torch mismatch is an ImportError, not a crash
+
+from . import functional  # noqa: E402
+from ._ops import ops  # noqa: E402
+from . import _autograd  # noqa: F401,E402  (autograd formulas)
+from . import _vmap  # noqa: F401,E402  (batching rules for torch.vmap)
+from . import _act_autograd  # noqa: F401,E402  (fused-op autograd)
+from .convert import convert_batchnorm, revert_batchnorm  # noqa: E402
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d  # noqa: E402
+from .batchnorm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d  # noqa: E402
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d  # noqa: E402
+from .freeze import freeze_batchnorm, unfreeze_batchnorm  # noqa: E402
+from .fold import fold_batchnorm  # noqa: E402
+from .recalibrate import recalibrate_batchnorm  # noqa: E402
+from .sync import SyncBatchNorm  # noqa: E402
+
+from ._cpu_capability import get_cpu_capability  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -38,6 +44,7 @@ __all__ = [
     "unfreeze_batchnorm",
     "revert_batchnorm",
     "functional",
+    "get_cpu_capability",
     "recalibrate_batchnorm",
     "ops",
 ]

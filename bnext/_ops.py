@@ -11,6 +11,9 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
+from . import _cpu_capability
+
+_cpu_capability.load_best()  # the CPU kernels of this CPU's level
 
 ops = torch.ops.bnext
 

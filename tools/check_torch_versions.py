@@ -98,56 +98,64 @@ def check(wheel, link, jobs):
     version, dest = unpack(wheel)
     std = cxx_standard(dest)
     setup = _setup_module()
-    capability = setup._cpu_capability()
+    level = setup.native_level()
     include = dest / "torch" / "include"
     build = CACHE / f"build-{version}"
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
-    flags = [f"-std={std}", "-fPIC", "-O0", *[f for f in setup.cxx_flags(capability) if f != "-O3"],
-             "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
-             "-D_GLIBCXX_USE_CXX11_ABI=1", "-isystem", str(include),
-             "-isystem", str(include / "torch" / "csrc" / "api" / "include"),
-             f"-I{sysconfig.get_paths()['include']}", f"-I{CUDA_HOME}/include"]
-    sources = sorted(ROOT.glob("csrc/*.cpp")) + sorted(ROOT.glob("csrc/cpu/*.cpp")) + \
-        sorted(ROOT.glob("csrc/cuda/*.cpp"))
+    common = [f"-std={std}", "-fPIC", "-O0", "-DTORCH_API_INCLUDE_EXTENSION_H",
+              "-DTORCH_EXTENSION_NAME=_C", "-D_GLIBCXX_USE_CXX11_ABI=1", "-isystem", str(include),
+              "-isystem", str(include / "torch" / "csrc" / "api" / "include"),
+              f"-I{sysconfig.get_paths()['include']}", f"-I{CUDA_HOME}/include"]
+    # As setup.py builds them: bnext._C at the baseline, the CPU kernels at
+    # this machine's level (one level library stands for all four here).
+    groups = {"_C": (setup.source_groups()["_C"] + [str(p.relative_to(ROOT))
+                                                   for p in sorted(ROOT.glob("csrc/cuda/*.cpp"))], []),
+              "_cpu": (setup.source_groups()["_cpu"],
+                       [f for f in setup.cxx_flags(level) if f != "-O3"])}
     jobs_list = []
-    for src in sources:
-        obj = build / (src.relative_to(ROOT).as_posix().replace("/", "_") + ".o")
-        mode = ["-c", "-o", str(obj)] if link else ["-fsyntax-only"]
-        jobs_list.append((src, ["g++", *flags, *mode, str(src)], obj))
+    for group, (sources, flags) in groups.items():
+        for rel in sources:
+            src = ROOT / rel
+            obj = build / group / (rel.replace("/", "_") + ".o")
+            obj.parent.mkdir(exist_ok=True)
+            mode = ["-c", "-o", str(obj)] if link else ["-fsyntax-only"]
+            jobs_list.append((group, src, ["g++", *common, *flags, *mode, str(src)], obj))
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
     for src in sorted(ROOT.glob("csrc/cuda/*.cu")):
-        obj = build / (src.name + ".o")
-        jobs_list.append((src, [nvcc, f"-std={std}", "-O3", "-Xcompiler", "-fPIC",
-                                "-gencode=arch=compute_90,code=sm_90", "-c", str(src), "-o", str(obj)],
-                          obj))
+        obj = build / "_C" / (src.name + ".o")
+        jobs_list.append(("_C", src, [nvcc, f"-std={std}", "-O3", "-Xcompiler", "-fPIC",
+                                      "-gencode=arch=compute_90,code=sm_90", "-c", str(src), "-o",
+                                      str(obj)], obj))
     results = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(_run, cmd): src for src, cmd, _ in jobs_list}
+        futures = {pool.submit(_run, cmd): (group, src) for group, src, cmd, _ in jobs_list}
         for fut in concurrent.futures.as_completed(futures):
-            src = futures[fut]
-            results[str(src.relative_to(ROOT))] = fut.result()
-            r = fut.result()
-            print(f"  {'ok  ' if r['rc'] == 0 else 'FAIL'} {src.relative_to(ROOT)} ({r['seconds']} s)",
-                  flush=True)
+            group, src = futures[fut]
+            name = f"{group}: {src.relative_to(ROOT)}"
+            results[name] = r = fut.result()
+            print(f"  {'ok  ' if r['rc'] == 0 else 'FAIL'} {name} ({r['seconds']} s)", flush=True)
     record = {"torch": version, "wheel": Path(wheel).name, "cxx_standard": std,
-              "cpu_capability": capability, "compiled": results}
+              "cpu_level": level, "compiled": results}
     ok = all(r["rc"] == 0 for r in results.values())
     if link and ok:
         lib = dest / "torch" / "lib"
-        objs = [str(obj) for _, _, obj in jobs_list]
         # An extension leaves Python's own symbols to the interpreter; naming
         # libpython here lets --no-undefined check everything else.
         python = [f"-L{sysconfig.get_config_var('LIBDIR')}",
                   f"-l:{sysconfig.get_config_var('LDLIBRARY')}"]
-        r = _run(["g++", "-shared", "-o", str(build / "bnext_check.so"), *objs, "-fopenmp",
-                  f"-L{lib}", "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python", *python,
-                  f"-L{CUDA_HOME}/lib64", "-lcudart", "-Wl,--no-undefined"])
-        record["link"] = r
-        ok = r["rc"] == 0
-        print(f"  {'ok  ' if ok else 'FAIL'} link against torch {version} libraries", flush=True)
-        if not ok:
-            print(r["stderr"][-2000:])
+        record["link"] = {}
+        for group in groups:
+            objs = [str(obj) for g, _, _, obj in jobs_list if g == group]
+            r = _run(["g++", "-shared", "-o", str(build / f"{group}.so"), *objs, "-fopenmp",
+                      f"-L{lib}", "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python", *python,
+                      f"-L{CUDA_HOME}/lib64", "-lcudart", "-Wl,--no-undefined"])
+            record["link"][group] = r
+            print(f"  {'ok  ' if r['rc'] == 0 else 'FAIL'} link {group} against torch {version}",
+                  flush=True)
+            if r["rc"]:
+                ok = False
+                print(r["stderr"][-2000:])
     record["ok"] = ok
     for path, r in results.items():
         if r["rc"]:
@@ -180,7 +188,7 @@ def main(argv=None):
            "gcc": subprocess.run(["g++", "-dumpfullversion"], capture_output=True, text=True).stdout.strip(),
            "results": records}
     for r in records:
-        for v in r["compiled"].values():
+        for v in list(r["compiled"].values()) + list(r.get("link", {}).values()):
             v.pop("cmd", None)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

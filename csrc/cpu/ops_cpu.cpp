@@ -1,14 +1,15 @@
 // CPU implementations of the bnext ops: argument checks, layout choice and
 // the sequence of passes. The loops themselves live in stats.cpp,
 // fused_forward.cpp (normalization is the fused pass with the identity) and
-// backward.cpp.
+// backward.cpp. The ops reach the dispatcher through this level's op table
+// (op_table.h).
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include "../checks.h"
 #include "channel_math.h"
 #include "fused_kernels.h"
 #include "kernels.h"
+#include "op_table.h"
 #include "op_utils.h"
 
 namespace bnext::cpu {
@@ -155,11 +156,11 @@ batch_norm_backward(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bnext, CPU, m) {
-  m.impl("batch_norm_train", &batch_norm_train);
-  m.impl("batch_norm_eval", &batch_norm_eval);
-  m.impl("update_running_stats", &update_running_stats);
-  m.impl("batch_norm_backward", &batch_norm_backward);
+void fill_plain_ops(OpTable& table) {
+  table.batch_norm_train = &batch_norm_train;
+  table.batch_norm_eval = &batch_norm_eval;
+  table.update_running_stats = &update_running_stats;
+  table.batch_norm_backward = &batch_norm_backward;
 }
 
 }  // namespace bnext::cpu

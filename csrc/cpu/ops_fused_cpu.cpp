@@ -1,13 +1,13 @@
 // CPU implementations of the fused BatchNorm + activation ops: checks, then
 // the same statistics as plain batch norm and the fused passes of
-// fused_forward.cpp / fused_backward_*.cpp.
+// fused_forward.cpp / fused_backward_*.cpp, reached through the op table.
 #include <ATen/TensorOperators.h>
-#include <torch/library.h>
 
 #include <string_view>
 
 #include "../checks.h"
 #include "fused_kernels.h"
+#include "op_table.h"
 #include "op_utils.h"
 
 namespace bnext::cpu {
@@ -186,10 +186,10 @@ batch_norm_act_backward(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bnext, CPU, m) {
-  m.impl("batch_norm_act_train", &batch_norm_act_train);
-  m.impl("batch_norm_act_eval", &batch_norm_act_eval);
-  m.impl("batch_norm_act_backward", &batch_norm_act_backward);
+void fill_fused_ops(OpTable& table) {
+  table.batch_norm_act_train = &batch_norm_act_train;
+  table.batch_norm_act_eval = &batch_norm_act_eval;
+  table.batch_norm_act_backward = &batch_norm_act_backward;
 }
 
 }  // namespace bnext::cpu
