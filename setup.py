@@ -128,6 +128,11 @@ def _write_build_info(levels, cuda):
                 f"CUDA = {cuda!r}\n")
 
 
+# Python's CFLAGS compile with -g: left in, the DWARF of four levels of
+# template-heavy kernels makes a wheel of ~500 MB. Symbol names stay.
+_LINK_FLAGS = ["-Wl,--strip-debug"]
+
+
 def _extensions():
     groups = source_groups()
     levels = build_levels()
@@ -144,15 +149,17 @@ def _extensions():
             # -lineinfo: compute-sanitizer and ncu name source lines; it adds
             # no code, only line tables.
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=_LINK_FLAGS,
         )
     else:
-        main = cpp_extension.CppExtension("bnext._C", groups["_C"], extra_compile_args={"cxx": ["-O3"]})
+        main = cpp_extension.CppExtension("bnext._C", groups["_C"], extra_compile_args={"cxx": ["-O3"]},
+                                          extra_link_args=_LINK_FLAGS)
     per_level = [
         cpp_extension.CppExtension(
             f"bnext._cpu_{level}",
             groups["_cpu"],
             extra_compile_args={"cxx": cxx_flags(level)},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp"] + _LINK_FLAGS,
         )
         for level in levels
     ]
