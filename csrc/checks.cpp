@@ -184,20 +184,23 @@ void check_residual(const at::Tensor& input, const std::optional<at::Tensor>& re
       input.device(), " and residual on ", residual->device());
 }
 
-void check_memory_saving(
-    std::string_view activation,
-    double negative_slope,
-    const std::optional<at::Tensor>& weight,
-    bool scan_weight) {
+void check_memory_saving_activation(std::string_view activation, double negative_slope) {
   TORCH_CHECK_VALUE(
       act_invertible(parse_activation(activation), negative_slope),
       "bnext: memory_saving=True recovers the normalized input from the "
       "output, so it needs an invertible activation (identity, elu, or "
       "leaky_relu with negative_slope > 0); got '", std::string(activation),
       "' with negative_slope=", negative_slope);
+}
+
+void check_memory_saving(
+    std::string_view activation,
+    double negative_slope,
+    const std::optional<at::Tensor>& weight) {
+  check_memory_saving_activation(activation, negative_slope);
   const bool has_weight = weight.has_value() && weight->defined();
   TORCH_CHECK_VALUE(
-      !scan_weight || !has_weight || !at::eq(*weight, 0).any().item<bool>(),
+      !has_weight || !at::eq(*weight, 0).any().item<bool>(),
       "bnext: memory_saving=True cannot recover x_hat = (y - bias) / weight "
       "in a channel whose weight is 0; use memory_saving=False for this "
       "layer (e.g. zero-initialised residual-branch weights)");

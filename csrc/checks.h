@@ -58,13 +58,15 @@ void check_backward_statistics(
 void check_residual(const at::Tensor& input, const std::optional<at::Tensor>& residual);
 
 // memory_saving recovers x_hat from the output, so it needs an invertible
-// activation and, when scan_weight, no zero weight (ValueError). The weight
-// scan reads the values on the host: the CUDA ops pass false and check the
-// weight in their kernels instead (no synchronisation, graph-capturable).
+// activation (ValueError). Every backend checks this on the host.
+void check_memory_saving_activation(std::string_view activation, double negative_slope);
+
+// The same, and no zero weight (ValueError). The weight is read on the host,
+// so only the CPU ops call this; the CUDA ops check the weight in their
+// kernels instead (no synchronisation, graph-capturable).
 void check_memory_saving(
     std::string_view activation,
     double negative_slope,
-    const std::optional<at::Tensor>& weight,
-    bool scan_weight);
+    const std::optional<at::Tensor>& weight);
 
 }  // namespace bnext

@@ -28,7 +28,7 @@ ActSpec act_spec(
     const optional<Tensor>& weight) {
   const std::string_view name(activation.data(), activation.size());
   if (memory_saving) {
-    check_memory_saving(name, negative_slope, weight, /*scan_weight=*/true);
+    check_memory_saving(name, negative_slope, weight);
   }
   return ActSpec{parse_activation(name), negative_slope};
 }

@@ -91,11 +91,9 @@ Act act_of(c10::string_view activation) {
 
 // memory_saving's host-side check (an invertible activation); the nonzero
 // weight is checked on the device, by the statistics and backward kernels.
-void check_memory_saving_cuda(
-    c10::string_view activation, double negative_slope, const optional<Tensor>& weight) {
-  check_memory_saving(
-      std::string_view(activation.data(), activation.size()), negative_slope, weight,
-      /*scan_weight=*/false);
+void check_memory_saving_cuda(c10::string_view activation, double negative_slope) {
+  check_memory_saving_activation(
+      std::string_view(activation.data(), activation.size()), negative_slope);
 }
 
 // Statistics + normalization (+ residual, activation): training forward.
@@ -359,7 +357,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_train(
   const Act act = act_of(activation);
   const c10::DeviceGuard guard(input.device());
   if (memory_saving) {
-    check_memory_saving_cuda(activation, negative_slope, weight);
+    check_memory_saving_cuda(activation, negative_slope);
   }
   return train_forward(input, weight, bias, residual, eps, act, negative_slope, memory_saving);
 }
@@ -383,7 +381,7 @@ Tensor batch_norm_act_eval(
   // The eval output needs no inverse; its backward (from the output) checks
   // the weight on the device.
   if (memory_saving) {
-    check_memory_saving_cuda(activation, negative_slope, weight);
+    check_memory_saving_cuda(activation, negative_slope);
   }
   return eval_forward(
       input, running_mean, running_var, weight, bias, residual, eps, act, negative_slope);
@@ -417,7 +415,7 @@ batch_norm_act_backward(
   const Act act = act_of(activation);
   const c10::DeviceGuard guard(saved.device());
   if (saved_is_output) {
-    check_memory_saving_cuda(activation, negative_slope, weight);
+    check_memory_saving_cuda(activation, negative_slope);
   }
   const auto out = backward(BackwardRequest{
       grad_output, saved, saved_is_output, weight, bias, residual, running_mean, running_var,
