@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <string>
+#include <utility>
 
 #include "cpu/op_table.h"
 #include "cpu_dispatch.h"
@@ -30,66 +31,17 @@ const OpTable& table() {
   return *t;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train(
-    const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
-    double eps) {
-  return table().batch_norm_train(input, weight, bias, eps);
-}
+// A CPU kernel that calls its entry of the current table; the signature is
+// the table's (op_table.h), so it is written once.
+template <auto Entry>
+struct ViaTable;
 
-Tensor batch_norm_eval(
-    const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
-    const optional<Tensor>& weight, const optional<Tensor>& bias, double eps) {
-  return table().batch_norm_eval(input, running_mean, running_var, weight, bias, eps);
-}
-
-void update_running_stats(
-    Tensor& running_mean, Tensor& running_var, const Tensor& save_mean,
-    const Tensor& unbiased_var, optional<double> momentum,
-    const optional<Tensor>& num_batches_tracked) {
-  table().update_running_stats(
-      running_mean, running_var, save_mean, unbiased_var, momentum, num_batches_tracked);
-}
-
-std::tuple<optional<Tensor>, optional<Tensor>, optional<Tensor>> batch_norm_backward(
-    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
-    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
-    const optional<Tensor>& save_mean, const optional<Tensor>& save_invstd, bool train,
-    double eps, std::array<bool, 3> output_mask) {
-  return table().batch_norm_backward(
-      grad_output, input, weight, running_mean, running_var, save_mean, save_invstd, train,
-      eps, output_mask);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_train(
-    const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
-    const optional<Tensor>& residual, double eps, c10::string_view activation,
-    double negative_slope, bool memory_saving) {
-  return table().batch_norm_act_train(
-      input, weight, bias, residual, eps, activation, negative_slope, memory_saving);
-}
-
-Tensor batch_norm_act_eval(
-    const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
-    const optional<Tensor>& weight, const optional<Tensor>& bias,
-    const optional<Tensor>& residual, double eps, c10::string_view activation,
-    double negative_slope, bool memory_saving) {
-  return table().batch_norm_act_eval(
-      input, running_mean, running_var, weight, bias, residual, eps, activation,
-      negative_slope, memory_saving);
-}
-
-std::tuple<optional<Tensor>, optional<Tensor>, optional<Tensor>, optional<Tensor>>
-batch_norm_act_backward(
-    const Tensor& grad_output, const Tensor& saved, bool saved_is_output,
-    const optional<Tensor>& weight, const optional<Tensor>& bias,
-    const optional<Tensor>& residual, const optional<Tensor>& running_mean,
-    const optional<Tensor>& running_var, const optional<Tensor>& save_mean,
-    const optional<Tensor>& save_invstd, bool train, double eps, c10::string_view activation,
-    double negative_slope, std::array<bool, 4> output_mask) {
-  return table().batch_norm_act_backward(
-      grad_output, saved, saved_is_output, weight, bias, residual, running_mean, running_var,
-      save_mean, save_invstd, train, eps, activation, negative_slope, output_mask);
-}
+template <typename R, typename... Args, R (*OpTable::*Entry)(Args...)>
+struct ViaTable<Entry> {
+  static R call(Args... args) {
+    return (table().*Entry)(std::forward<Args>(args)...);
+  }
+};
 
 }  // namespace
 
@@ -124,13 +76,13 @@ bool cpu_has_avx512_bf16() {
 }
 
 TORCH_LIBRARY_IMPL(bnext, CPU, m) {
-  m.impl("batch_norm_train", &batch_norm_train);
-  m.impl("batch_norm_eval", &batch_norm_eval);
-  m.impl("update_running_stats", &update_running_stats);
-  m.impl("batch_norm_backward", &batch_norm_backward);
-  m.impl("batch_norm_act_train", &batch_norm_act_train);
-  m.impl("batch_norm_act_eval", &batch_norm_act_eval);
-  m.impl("batch_norm_act_backward", &batch_norm_act_backward);
+  m.impl("batch_norm_train", &ViaTable<&OpTable::batch_norm_train>::call);
+  m.impl("batch_norm_eval", &ViaTable<&OpTable::batch_norm_eval>::call);
+  m.impl("update_running_stats", &ViaTable<&OpTable::update_running_stats>::call);
+  m.impl("batch_norm_backward", &ViaTable<&OpTable::batch_norm_backward>::call);
+  m.impl("batch_norm_act_train", &ViaTable<&OpTable::batch_norm_act_train>::call);
+  m.impl("batch_norm_act_eval", &ViaTable<&OpTable::batch_norm_act_eval>::call);
+  m.impl("batch_norm_act_backward", &ViaTable<&OpTable::batch_norm_act_backward>::call);
 }
 
 }  // namespace bnext::cpu
