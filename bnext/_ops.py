@@ -5,6 +5,8 @@ Every op is declared once in ``csrc/ops.cpp``. This module adds, per op:
 a fake (meta) kernel, whose output sizes, strides, dtypes and devices equal
 the real kernels' (checked by ``torch.library.opcheck`` in the tests).
 Autograd formulas live in ``_autograd.py``, batching rules in ``_vmap.py``.
+The phase ops have no autograd of their own: ``sync.py`` composes them
+inside an autograd.Function whose backward is the phase ops themselves.
 """
 
 import torch
@@ -119,3 +121,41 @@ def _batch_norm_act_backward_fake(grad_output, saved, saved_is_output, weight, b
         _empty_stat(saved, param_dtype) if output_mask[2] else None,
         _empty_stat(saved, param_dtype) if output_mask[3] else None,
     )
+
+
+# ------------------------------------------------- phase ops (SyncBatchNorm)
+
+
+@torch.library.register_fake("bnext::batch_norm_moments")
+def _batch_norm_moments_fake(input):
+    return input.new_empty((3, input.shape[1]), dtype=torch.float64)
+
+
+@torch.library.register_fake("bnext::batch_norm_merge_moments")
+def _batch_norm_merge_moments_fake(moments, eps):
+    C = moments.shape[2]
+    return tuple(moments.new_empty((C,)) for _ in range(4))
+
+
+@torch.library.register_fake("bnext::batch_norm_elemt")
+def _batch_norm_elemt_fake(input, weight, bias, mean, invstd, residual, activation,
+                           negative_slope):
+    return _empty_like_output(input)
+
+
+@torch.library.register_fake("bnext::batch_norm_backward_reduce")
+def _batch_norm_backward_reduce_fake(grad_output, input, mean, invstd, weight, bias,
+                                     residual, activation, negative_slope, output_mask):
+    param_dtype = weight.dtype if weight is not None else acc_dtype(input.dtype)
+    return (
+        input.new_empty((2, input.shape[1]), dtype=torch.float64),
+        _empty_stat(input, param_dtype) if output_mask[0] else None,
+        _empty_stat(input, param_dtype) if output_mask[1] else None,
+        _empty_like_output(input) if output_mask[2] else None,
+    )
+
+
+@torch.library.register_fake("bnext::batch_norm_backward_elemt")
+def _batch_norm_backward_elemt_fake(grad_output, input, mean, invstd, weight, bias, residual,
+                                    sums, count, activation, negative_slope):
+    return _empty_like_output(input)

@@ -1,93 +1,89 @@
 """SyncBatchNorm over torch.distributed, on any backend (gloo included).
 
-Training statistics are those of the global batch: each rank computes its
-per-channel (count, mean, M2) with bnext's kernel, one all_gather exchanges
-them, and every rank merges them count-weighted (Chan et al.), never through
-E[x^2] - E[x]^2. Backward all-reduces the two per-channel sums of the input
-gradient in one collective. Semantics follow torch.nn.SyncBatchNorm.
+Training statistics are those of the global batch, from bnext's phase ops
+(csrc/ops.cpp): each rank takes its per-channel (count, mean, M2) with
+``batch_norm_moments``, one all_gather exchanges them and
+``batch_norm_merge_moments`` merges them exactly (Chan et al., never
+E[x^2] - E[x]^2); ``batch_norm_elemt`` normalizes. Backward:
+``batch_norm_backward_reduce``, one all_reduce of the two (C,) sums,
+``batch_norm_backward_elemt``. The collectives are torch's functional ones,
+which torch.compile traces, so the layer compiles without graph breaks.
+Semantics follow torch.nn.SyncBatchNorm.
 """
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from ._checks import check_batch_norm_args
-from ._moments import local_moments, merge
-from ._ops import acc_dtype, ops
+from ._ops import ops
 from .modules import _BatchNormForward
 
 __all__ = ["SyncBatchNorm"]
 
 
-class _SyncBatchNormFn(torch.autograd.Function):
+class _SyncElemtFn(torch.autograd.Function):
+    """``act(batch_norm(input) + residual)`` with the global statistics.
+
+    ``mean``, ``invstd`` and ``count`` come from the merged moments of all
+    ranks' inputs; backward accounts for their dependence on ``input``
+    through the all-reduced sums, as torch's SyncBatchNorm does.
+    """
+
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                eps, momentum, group, world_size):
-        local = local_moments(input)
-        parts = [torch.empty_like(local) for _ in range(world_size)]
-        dist.all_gather(parts, local, group=group)
-        n, mean, m2 = merge(torch.stack(parts))  # n: (C,) float64, equal entries
-        # The check reads the count on the host: free on CPU; on CUDA it is
-        # skipped so that the step has no host synchronisation.
-        if input.device.type == "cpu" and n.numel() and n[0].item() <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got "
-                f"{int(n[0].item())} values over all ranks"
-            )
-        acc = acc_dtype(input.dtype)
-        var = m2 / n
-        output = ops.batch_norm_eval(input, mean.to(acc), var.to(acc), weight, bias, eps)
-        if running_mean is not None:
-            # Counted only once the call is known to succeed (as bnext's BN).
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            ops.update_running_stats(running_mean, running_var, mean, (m2 / (n - 1)).to(acc),
-                                     momentum, num_batches_tracked if momentum is None else None)
-        invstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.n, ctx.eps, ctx.group = n, eps, group
-        return output
+    def forward(ctx, input, weight, bias, residual, mean, invstd, count, activation,
+                negative_slope, group_name):
+        ctx.save_for_backward(input, weight, bias, residual, mean, invstd, count)
+        ctx.activation, ctx.negative_slope, ctx.group_name = activation, negative_slope, group_name
+        return ops.batch_norm_elemt(input, weight, bias, mean, invstd, residual, activation,
+                                    negative_slope)
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, mean, invstd = ctx.saved_tensors
-        acc = acc_dtype(input.dtype)
-        # Local sum(dy) and sum(dy * x_hat) against the global statistics:
-        # bnext's backward, given save_mean (float64, subtracted exactly) and
-        # save_invstd, returns exactly these as grad_bias and grad_weight.
-        _, sum_dy_xhat, sum_dy = ops.batch_norm_backward(
-            grad_output, input, None, None, None, mean, invstd.to(acc), True, ctx.eps,
-            [False, True, True])
-        grad_weight = sum_dy_xhat.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = sum_dy.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        input, weight, bias, residual, mean, invstd, count = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        mask = [weight is not None and needs[1], bias is not None and needs[2],
+                residual is not None and needs[3]]
+        sums, grad_weight, grad_bias, grad_residual = ops.batch_norm_backward_reduce(
+            grad_output, input, mean, invstd, weight, bias, residual, ctx.activation,
+            ctx.negative_slope, mask)
         grad_input = None
-        if ctx.needs_input_grad[0]:
-            sums = torch.stack([sum_dy, sum_dy_xhat])
-            dist.all_reduce(sums, group=ctx.group)
-            grad_input = _grad_input(grad_output, input, weight, mean, invstd,
-                                     sums[0], sums[1], ctx.n)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+        if needs[0]:
+            sums = funcol.all_reduce(sums, "sum", ctx.group_name)
+            grad_input = ops.batch_norm_backward_elemt(
+                grad_output, input, mean, invstd, weight, bias, residual, sums, count,
+                ctx.activation, ctx.negative_slope)
+        if grad_bias is not None and grad_bias.dtype != bias.dtype:
+            grad_bias = grad_bias.to(bias.dtype)  # a bias-only layer: see _autograd._cast_like
+        return (grad_input, grad_weight, grad_bias, grad_residual,
+                None, None, None, None, None, None)
 
 
-def _grad_input(dy, x, weight, mean, invstd, sum_dy, sum_dy_xhat, n):
-    # dx = w*r*(dy - sum_dy/n - x_hat*sum_dy_xhat/n), x_hat = (x - mean)*r,
-    # rearranged to dy*a + (x - mean_hi)*b + c per channel. Coefficients in
-    # float64; mean_hi is the mean rounded to the input's accumulation dtype
-    # and its rounding error is folded into c, so x - mean_hi stays exact
-    # even when |mean| >> std.
-    acc = acc_dtype(x.dtype)
-    r = invstd
-    w = r if weight is None else weight.to(torch.float64) * r
-    a = w
-    b = -w * r * sum_dy_xhat.to(torch.float64) / n
-    mean_hi = mean.to(acc)
-    c = -w * sum_dy.to(torch.float64) / n + b * (mean_hi.to(torch.float64) - mean)
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    a, b, c = (t.to(acc).view(shape) for t in (a, b, c))
-    # One temporary, updated in place (each extra full-size temporary costs
-    # an allocation and a pass).
-    out = x.to(acc) - mean_hi.view(shape)
-    out.mul_(b).addcmul_(dy.to(acc), a).add_(c)
-    return out.to(x.dtype)
+def synced_batch_norm(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                      momentum, eps, group, world_size, residual=None, activation="identity",
+                      negative_slope=0.01):
+    """Training batch norm over the concatenated inputs of ``group``'s ranks.
+
+    One all_gather of the (3, C) moments, no host synchronisation; the
+    running statistics (when given) get the global mean and unbiased
+    variance. ``num_batches_tracked`` is counted once the statistics exist,
+    so a rejected call changes no buffer.
+    """
+    group_name = funcol._resolve_group_name(group)
+    moments = ops.batch_norm_moments(input.detach())
+    gathered = funcol.all_gather_tensor(moments, 0, group_name)
+    mean, invstd, unbiased_var, count = ops.batch_norm_merge_moments(
+        gathered.view(world_size, 3, input.shape[1]), eps)
+    output = _SyncElemtFn.apply(input, weight, bias, residual, mean, invstd, count,
+                                activation, negative_slope, group_name)
+    if running_mean is not None:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if momentum is None and num_batches_tracked is None:
+            momentum = 0.0  # torch's factor when nothing is counted
+        ops.update_running_stats(running_mean, running_var, mean, unbiased_var, momentum,
+                                 num_batches_tracked if momentum is None else None)
+    return output
 
 
 class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
@@ -105,8 +101,9 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
     In training with an initialised process group of more than one rank the
     statistics are those of the concatenation of all ranks' inputs, as if one
     BatchNorm saw the global batch: one all_gather of per-channel (count,
-    mean, M2) in forward, merged count-weighted; one all_reduce of
-    (sum dy, sum dy*x_hat) in backward. Ranks may hold different batch sizes,
+    mean, M2) in forward, merged exactly; one all_reduce of
+    (sum dy, sum dy*(x - mean)) in backward. Three passes over the
+    activation forward and five backward, as a local batch norm. Ranks may hold different batch sizes,
     including zero. ``weight``/``bias`` gradients are each rank's own share,
     as in torch; DDP sums them. Otherwise (eval, no process group, world
     size 1) it is a local bnext batch norm.
@@ -119,10 +116,8 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
     buffer changes; on CUDA that check is skipped (it would need a host
     synchronisation).
 
-    Limitations: under ``torch.compile`` the synchronised training path runs
-    eagerly (``torch.compiler.disable``): the graph breaks around it, so
-    ``fullgraph=True`` is refused in distributed training; the local path
-    (eval, single process) compiles like bnext's BatchNorm.
+    Under ``torch.compile`` (``fullgraph=True`` included) the collectives
+    are torch's functional ones, traced into the graph: no graph break.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
@@ -143,17 +138,15 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
             return super().forward(input)
         return self._synced_forward(input, group, world)
 
-    # The collectives run eagerly: dynamo would otherwise have to trace
-    # process-group calls inside an autograd.Function, which it cannot do.
-    @torch.compiler.disable
     def _synced_forward(self, input, group, world):
         # Training (forward only gets here then): the running stats and
         # num_batches_tracked when they are tracked, None otherwise.
         running_mean, running_var, weight, bias, _, nbt = self._bn_arguments()
+        # training=False: one value per channel on this rank is fine, the
+        # global count is checked when the moments merge.
         check_batch_norm_args(input, running_mean, running_var, weight, bias, False, self.eps)
-        return _SyncBatchNormFn.apply(
-            input, weight, bias, running_mean, running_var, nbt, self.eps, self.momentum,
-            group, world)
+        return synced_batch_norm(input, weight, bias, running_mean, running_var, nbt,
+                                 self.momentum, self.eps, group, world)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):

@@ -206,4 +206,41 @@ void check_memory_saving(
       "layer (e.g. zero-initialised residual-branch weights)");
 }
 
+namespace {
+
+void check_channel_tensor(
+    const at::Tensor& input, const at::Tensor& t, int64_t numel, const char* name) {
+  TORCH_CHECK(
+      t.numel() == numel, name, " should contain ", numel, " elements not ", t.numel());
+  TORCH_CHECK(
+      t.device() == input.device(),
+      "Expected all tensors to be on the same device, but found input on ",
+      input.device(), " and ", name, " on ", t.device());
+  TORCH_CHECK(
+      at::isFloatingType(t.scalar_type()), name, " must be floating, got ", t.scalar_type());
+}
+
+}  // namespace
+
+void check_moments(const at::Tensor& moments) {
+  TORCH_CHECK(
+      moments.dim() == 3 && moments.size(1) == 3 && moments.scalar_type() == at::kDouble,
+      "batch_norm_merge_moments: expected a (K, 3, C) float64 stack of (count, mean, M2), "
+      "got ", moments.sizes(), " ", moments.scalar_type());
+}
+
+void check_given_statistics(
+    const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd) {
+  const int64_t C = input.size(1);
+  check_channel_tensor(input, mean, C, "mean");
+  check_channel_tensor(input, invstd, C, "invstd");
+}
+
+void check_backward_sums(
+    const at::Tensor& input, const at::Tensor& sums, const at::Tensor& count) {
+  const int64_t C = input.size(1);
+  check_channel_tensor(input, sums, 2 * C, "sums");
+  check_channel_tensor(input, count, C, "count");
+}
+
 }  // namespace bnext

@@ -69,4 +69,18 @@ void check_memory_saving(
     double negative_slope,
     const std::optional<at::Tensor>& weight);
 
+// Phase ops: moments are a (K, 3, C) float64 stack of (count, mean, M2)
+// rows (RuntimeError otherwise).
+void check_moments(const at::Tensor& moments);
+
+// Phase ops: given statistics, mean and invstd with C elements each, on the
+// input's device, floating (RuntimeError).
+void check_given_statistics(
+    const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd);
+
+// batch_norm_backward_elemt: sums (2, C) and count (C,), floating, on the
+// input's device (RuntimeError).
+void check_backward_sums(
+    const at::Tensor& input, const at::Tensor& sums, const at::Tensor& count);
+
 }  // namespace bnext

@@ -83,6 +83,11 @@ TORCH_LIBRARY_IMPL(bnext, CPU, m) {
   m.impl("batch_norm_act_train", &ViaTable<&OpTable::batch_norm_act_train>::call);
   m.impl("batch_norm_act_eval", &ViaTable<&OpTable::batch_norm_act_eval>::call);
   m.impl("batch_norm_act_backward", &ViaTable<&OpTable::batch_norm_act_backward>::call);
+  m.impl("batch_norm_moments", &ViaTable<&OpTable::batch_norm_moments>::call);
+  m.impl("batch_norm_merge_moments", &ViaTable<&OpTable::batch_norm_merge_moments>::call);
+  m.impl("batch_norm_elemt", &ViaTable<&OpTable::batch_norm_elemt>::call);
+  m.impl("batch_norm_backward_reduce", &ViaTable<&OpTable::batch_norm_backward_reduce>::call);
+  m.impl("batch_norm_backward_elemt", &ViaTable<&OpTable::batch_norm_backward_elemt>::call);
 }
 
 }  // namespace bnext::cpu

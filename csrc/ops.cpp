@@ -71,4 +71,48 @@ TORCH_LIBRARY(bnext, m) {
       "Tensor? save_invstd, bool train, float eps, str activation, "
       "float negative_slope, bool[4] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?)");
+
+  // ---- Phases of a training step, for statistics that span processes
+  // (SyncBatchNorm), after apex's welford.cu and torch's batch_norm_stats /
+  // batch_norm_gather_stats_with_counts / batch_norm_elemt /
+  // batch_norm_backward_reduce / batch_norm_backward_elemt. They run the
+  // single-device ops' passes; those ops stay one call each.
+  //
+  // Local statistics as a (3, C) float64 tensor of rows (count, mean, M2):
+  // ranks exchange them with one all_gather and merge them exactly, whatever
+  // their batch sizes (an empty batch is a row of zeros).
+  m.def("batch_norm_moments(Tensor input) -> Tensor");
+
+  // Merge of a (K, 3, C) stack of moments (Chan et al.): per channel, all
+  // float64, the mean, invstd = 1/sqrt(M2/n + eps), the unbiased variance
+  // M2/(n-1) for update_running_stats, and the count n. On the CPU a total
+  // count of at most 1 raises ValueError, as torch's SyncBatchNorm does; on
+  // CUDA that check would need a host synchronisation and is not made.
+  m.def(
+      "batch_norm_merge_moments(Tensor moments, float eps) "
+      "-> (Tensor mean, Tensor invstd, Tensor unbiased_var, Tensor count)");
+
+  // act((x - mean) * invstd * weight + bias + residual) with given
+  // statistics (mean float64 or acc, invstd float32/64): the forward pass of
+  // batch_norm_act_train without its statistics.
+  m.def(
+      "batch_norm_elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor invstd, Tensor? residual, str activation, float negative_slope) -> Tensor");
+
+  // Backward, first pass: with g = grad_output * act'(z), the local sums
+  // sums = [sum g, sum g * (x - mean)] as one (2, C) float64 tensor (one
+  // all_reduce adds the ranks' up), this rank's grad_weight and grad_bias,
+  // and g itself as grad_residual. output_mask: (weight, bias, residual).
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor mean, "
+      "Tensor invstd, Tensor? weight, Tensor? bias, Tensor? residual, str activation, "
+      "float negative_slope, bool[3] output_mask) "
+      "-> (Tensor sums, Tensor? grad_weight, Tensor? grad_bias, Tensor? grad_residual)");
+
+  // Backward, second pass: grad_input from the global sums and the global
+  // count (count from batch_norm_merge_moments).
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor mean, "
+      "Tensor invstd, Tensor? weight, Tensor? bias, Tensor? residual, Tensor sums, "
+      "Tensor count, str activation, float negative_slope) -> Tensor");
 }

@@ -15,6 +15,7 @@ extern "C" const bnext::cpu::OpTable* bnext_cpu_op_table() {
     t.level = BNEXT_STRINGIFY(BNEXT_CPU_LEVEL);
     bnext::cpu::fill_plain_ops(t);
     bnext::cpu::fill_fused_ops(t);
+    bnext::cpu::fill_phase_ops(t);
     return t;
   }();
   return &table;

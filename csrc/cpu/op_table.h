@@ -19,7 +19,7 @@ namespace bnext::cpu {
 
 // Changed whenever the table's layout or an op's signature changes, so that
 // a level library from another build is refused instead of miscalled.
-constexpr int kOpTableVersion = 1;
+constexpr int kOpTableVersion = 2;
 
 using at::Tensor;
 using std::optional;
@@ -61,12 +61,33 @@ struct OpTable {
       const optional<Tensor>& running_var, const optional<Tensor>& save_mean,
       const optional<Tensor>& save_invstd, bool train, double eps,
       c10::string_view activation, double negative_slope, std::array<bool, 4> output_mask);
+
+  // The phase ops (SyncBatchNorm's steps).
+  Tensor (*batch_norm_moments)(const Tensor& input);
+  std::tuple<Tensor, Tensor, Tensor, Tensor> (*batch_norm_merge_moments)(
+      const Tensor& moments, double eps);
+  Tensor (*batch_norm_elemt)(
+      const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+      const Tensor& mean, const Tensor& invstd, const optional<Tensor>& residual,
+      c10::string_view activation, double negative_slope);
+  std::tuple<Tensor, optional<Tensor>, optional<Tensor>, optional<Tensor>> (
+      *batch_norm_backward_reduce)(
+      const Tensor& grad_output, const Tensor& input, const Tensor& mean,
+      const Tensor& invstd, const optional<Tensor>& weight, const optional<Tensor>& bias,
+      const optional<Tensor>& residual, c10::string_view activation, double negative_slope,
+      std::array<bool, 3> output_mask);
+  Tensor (*batch_norm_backward_elemt)(
+      const Tensor& grad_output, const Tensor& input, const Tensor& mean,
+      const Tensor& invstd, const optional<Tensor>& weight, const optional<Tensor>& bias,
+      const optional<Tensor>& residual, const Tensor& sums, const Tensor& count,
+      c10::string_view activation, double negative_slope);
 };
 
 // Each level library's part of the table: ops_cpu.cpp fills the plain ops,
-// ops_fused_cpu.cpp the fused ones.
+// ops_fused_cpu.cpp the fused ones, ops_phase_cpu.cpp the phase ops.
 void fill_plain_ops(OpTable& table);
 void fill_fused_ops(OpTable& table);
+void fill_phase_ops(OpTable& table);
 
 }  // namespace bnext::cpu
 
