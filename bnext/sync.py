@@ -71,7 +71,7 @@ def synced_batch_norm(input, weight, bias, running_mean, running_var, num_batche
     """
     group_name = funcol._resolve_group_name(group)
     moments = ops.batch_norm_moments(input.detach())
-    gathered = funcol.all_gather_tensor(moments, 0, group_name)
+    gathered = funcol.all_gather_single(moments, 0, group_name)
     mean, invstd, unbiased_var, count = ops.batch_norm_merge_moments(
         gathered.view(world_size, 3, input.shape[1]), eps)
     output = _SyncElemtFn.apply(input, weight, bias, residual, mean, invstd, count,

@@ -149,25 +149,34 @@ def test_converter_keeps_objects_and_skips_custom_forward():
     assert isinstance(out[0], torch.nn.modules.batchnorm._BatchNorm)
 
 
-def _compile_worker(rank, world):
+def _compile_worker(rank, world, momentum, channels_last):
     torch.manual_seed(0)
-    eager = bnext.SyncBatchNorm(3)
+    eager = bnext.SyncBatchNorm(3, momentum=momentum)
     model = copy.deepcopy(eager)
-    compiled = torch.compile(model)  # graph break around the collectives
+    # fullgraph: the functional collectives are traced, nothing breaks the graph.
+    compiled = torch.compile(model, fullgraph=True)
     g = torch.Generator().manual_seed(rank)
-    for _ in range(2):
-        x = torch.randn(4, 3, 2, 2, generator=g)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for step in range(3):
+        x = (torch.randn(rank + 3, 3, 2, 2, generator=g) * (step + 1)).contiguous(memory_format=fmt)
         xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
         ye, yc = eager(xe), compiled(xc)
         torch.testing.assert_close(yc, ye)
-        ye.sum().backward()
-        yc.sum().backward()
+        dy = torch.randn(x.shape, generator=g)
+        ye.backward(dy)
+        yc.backward(dy)
         torch.testing.assert_close(xc.grad, xe.grad)
+        torch.testing.assert_close(model.weight.grad, eager.weight.grad)
+        torch.testing.assert_close(model.bias.grad, eager.bias.grad)
+    torch.testing.assert_close(model.running_mean, eager.running_mean)
     torch.testing.assert_close(model.running_var, eager.running_var)
+    assert model.num_batches_tracked.item() == eager.num_batches_tracked.item() == 3
 
 
-def test_compile_runs_synchronised_path_eagerly(tmp_path):
-    run_ranks(_compile_worker, 2, tmp_path)
+@pytest.mark.parametrize("momentum,channels_last", [(0.1, False), (None, True)],
+                         ids=["momentum0.1", "momentumNone-cl"])
+def test_compile_fullgraph_equals_eager(tmp_path, momentum, channels_last):
+    run_ranks(_compile_worker, 2, tmp_path, momentum, channels_last)
 
 
 def _one_value_worker(rank, world):
