@@ -21,7 +21,7 @@ from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d  # n
 from .freeze import freeze_batchnorm, unfreeze_batchnorm  # noqa: E402
 from .fold import fold_batchnorm  # noqa: E402
 from .recalibrate import recalibrate_batchnorm  # noqa: E402
-from .sync import SyncBatchNorm  # noqa: E402
+from .sync import SyncBatchNorm, SyncBatchNormAct  # noqa: E402
 
 from ._cpu_capability import get_cpu_capability  # noqa: E402
 
@@ -35,6 +35,7 @@ __all__ = [
     "BatchNormAct2d",
     "BatchNormAct3d",
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",

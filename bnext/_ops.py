@@ -157,5 +157,5 @@ def _batch_norm_backward_reduce_fake(grad_output, input, mean, invstd, weight, b
 
 @torch.library.register_fake("bnext::batch_norm_backward_elemt")
 def _batch_norm_backward_elemt_fake(grad_output, input, mean, invstd, weight, bias, residual,
-                                    sums, count, activation, negative_slope):
+                                    grad_residual, sums, count, activation, negative_slope):
     return _empty_like_output(input)

@@ -17,9 +17,10 @@ import torch.distributed._functional_collectives as funcol
 
 from ._checks import check_batch_norm_args
 from ._ops import ops
+from .batchnorm_act import _BatchNormAct
 from .modules import _BatchNormForward
 
-__all__ = ["SyncBatchNorm"]
+__all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
 
 
 class _SyncElemtFn(torch.autograd.Function):
@@ -42,8 +43,9 @@ class _SyncElemtFn(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, weight, bias, residual, mean, invstd, count = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        # With a residual, g (= grad_residual) is also the second pass's input.
         mask = [weight is not None and needs[1], bias is not None and needs[2],
-                residual is not None and needs[3]]
+                residual is not None]
         sums, grad_weight, grad_bias, grad_residual = ops.batch_norm_backward_reduce(
             grad_output, input, mean, invstd, weight, bias, residual, ctx.activation,
             ctx.negative_slope, mask)
@@ -51,10 +53,12 @@ class _SyncElemtFn(torch.autograd.Function):
         if needs[0]:
             sums = funcol.all_reduce(sums, "sum", ctx.group_name)
             grad_input = ops.batch_norm_backward_elemt(
-                grad_output, input, mean, invstd, weight, bias, residual, sums, count,
-                ctx.activation, ctx.negative_slope)
+                grad_output, input, mean, invstd, weight, bias, residual, grad_residual, sums,
+                count, ctx.activation, ctx.negative_slope)
         if grad_bias is not None and grad_bias.dtype != bias.dtype:
             grad_bias = grad_bias.to(bias.dtype)  # a bias-only layer: see _autograd._cast_like
+        if not needs[3]:
+            grad_residual = None
         return (grad_input, grad_weight, grad_bias, grad_residual,
                 None, None, None, None, None, None)
 
@@ -84,6 +88,11 @@ def synced_batch_norm(input, weight, bias, running_mean, running_var, num_batche
         ops.update_running_stats(running_mean, running_var, mean, unbiased_var, momentum,
                                  num_batches_tracked if momentum is None else None)
     return output
+
+
+def _check_input_dim(input):
+    if input.dim() < 2:
+        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
 
 class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
@@ -126,27 +135,14 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
                          device=device, dtype=dtype)
         self.process_group = process_group
 
-    def _check_input_dim(self, input):
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    _check_input_dim = staticmethod(_check_input_dim)
 
     def forward(self, input):
         self._check_input_dim(input)
-        group = self.process_group or (dist.group.WORLD if dist.is_initialized() else None)
-        world = dist.get_world_size(group) if group is not None else 1
-        if not (self.training and world > 1):
+        synced = _synced_group(self)
+        if synced is None:
             return super().forward(input)
-        return self._synced_forward(input, group, world)
-
-    def _synced_forward(self, input, group, world):
-        # Training (forward only gets here then): the running stats and
-        # num_batches_tracked when they are tracked, None otherwise.
-        running_mean, running_var, weight, bias, _, nbt = self._bn_arguments()
-        # training=False: one value per channel on this rank is fine, the
-        # global count is checked when the moments merge.
-        check_batch_norm_args(input, running_mean, running_var, weight, bias, False, self.eps)
-        return synced_batch_norm(input, weight, bias, running_mean, running_var, nbt,
-                                 self.momentum, self.eps, group, world)
+        return _synced_module_forward(self, input, *synced)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
@@ -154,21 +150,88 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
 
         Converts torch's and bnext's ``BatchNorm1d/2d/3d`` and torch's
         ``SyncBatchNorm``, keeping the same Parameter and buffer objects,
-        train/eval flag and hooks. A subclass with a forward of its own (a
-        fused activation, say) is left as it is rather than silently losing
-        that behaviour (torch's converter drops it, pytorch/pytorch#187298).
-        Children are replaced in place; returns the converted root.
+        train/eval flag and hooks. bnext's fused ``BatchNormAct1d/2d/3d``
+        become :class:`SyncBatchNormAct` with the same activation (those
+        with ``memory_saving=True`` stay as they are: the synchronised
+        backward reads the input). Any other subclass with a forward of its
+        own is left as it is rather than silently losing that behaviour
+        (torch's converter drops it, pytorch/pytorch#187298). Children are
+        replaced in place; returns the converted root.
         """
         from .convert import _retyped, replace_modules
 
         def replace(m):
-            if type(m) is cls or not _convertible(m):
+            if type(m) in (cls, SyncBatchNormAct):
                 return None
-            new = _retyped(m, cls)
+            if _convertible_act(m):
+                new = _retyped(m, SyncBatchNormAct)
+            elif _convertible(m):
+                new = _retyped(m, cls)
+            else:
+                return None
             new.process_group = process_group
             return new
 
         return replace_modules(module, replace)
+
+
+class SyncBatchNormAct(_BatchNormAct, torch.nn.modules.batchnorm._BatchNorm):
+    r"""Fused ``act(batch_norm(input) + residual)`` over the global batch of
+    all ranks in ``process_group``: :class:`SyncBatchNorm`'s statistics and
+    :class:`bnext.BatchNormAct2d`'s fused activation and residual.
+
+    Constructor: ``num_features, eps=1e-5, momentum=0.1, affine=True,
+    track_running_stats=True, activation="relu", negative_slope=0.01,
+    process_group=None, device=None, dtype=None``; parameters, buffers and
+    state_dict keys are torch's BatchNorm's. ``forward(input, residual=None)``
+    with ``input`` ``(N, C, *)`` and ``residual`` of its shape and dtype; the
+    activations are those of :class:`bnext.BatchNormAct2d`. In training with
+    more than one rank: one all_gather forward, one all_reduce backward, as
+    :class:`SyncBatchNorm`; otherwise the local fused batch norm.
+    ``memory_saving`` is not offered: the synchronised backward reads the
+    input. Raises what :class:`SyncBatchNorm` and
+    :class:`bnext.BatchNormAct2d` raise.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, activation="relu", negative_slope=0.01,
+                 process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         activation=activation, negative_slope=negative_slope,
+                         memory_saving=False, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    _check_input_dim = staticmethod(_check_input_dim)
+
+    def forward(self, input, residual=None):
+        self._check_input_dim(input)
+        synced = _synced_group(self)
+        if synced is None:
+            return super().forward(input, residual)
+        return _synced_module_forward(self, input, *synced, residual, self.activation,
+                                      self.negative_slope)
+
+
+def _synced_group(module):
+    """(group, world size) when ``module`` synchronises this call, else None."""
+    if not module.training:
+        return None
+    group = module.process_group or (dist.group.WORLD if dist.is_initialized() else None)
+    world = dist.get_world_size(group) if group is not None else 1
+    return (group, world) if world > 1 else None
+
+
+def _synced_module_forward(module, input, group, world, residual=None, activation="identity",
+                           negative_slope=0.01):
+    # Training (forward only gets here then): the running stats and
+    # num_batches_tracked when they are tracked, None otherwise.
+    running_mean, running_var, weight, bias, _, nbt = module._bn_arguments()
+    # training=False: one value per channel on this rank is fine, the
+    # global count is checked when the moments merge.
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, False, module.eps)
+    return synced_batch_norm(input, weight, bias, running_mean, running_var, nbt,
+                             module.momentum, module.eps, group, world, residual, activation,
+                             negative_slope)
 
 
 def _convertible(m):
@@ -177,3 +240,10 @@ def _convertible(m):
         return False
     return type(m).forward in (bn.forward, torch.nn.SyncBatchNorm.forward,
                                _BatchNormForward.forward)
+
+
+def _convertible_act(m):
+    """A bnext BatchNormAct without memory_saving (SyncBatchNormAct's backward
+    reads the input)."""
+    return (isinstance(m, _BatchNormAct) and type(m).forward is _BatchNormAct.forward
+            and not m.memory_saving)

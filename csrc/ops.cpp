@@ -110,9 +110,11 @@ TORCH_LIBRARY(bnext, m) {
       "-> (Tensor sums, Tensor? grad_weight, Tensor? grad_bias, Tensor? grad_residual)");
 
   // Backward, second pass: grad_input from the global sums and the global
-  // count (count from batch_norm_merge_moments).
+  // count (count from batch_norm_merge_moments). With a residual, g is the
+  // first pass's grad_residual (required then), as in the fused backward.
   m.def(
       "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor mean, "
-      "Tensor invstd, Tensor? weight, Tensor? bias, Tensor? residual, Tensor sums, "
-      "Tensor count, str activation, float negative_slope) -> Tensor");
+      "Tensor invstd, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor? grad_residual, Tensor sums, Tensor count, str activation, "
+      "float negative_slope) -> Tensor");
 }

@@ -78,6 +78,66 @@ def test_sync_equals_global_batch_norm(tmp_path, sizes, channels_last, momentum)
     run_ranks(_sync_worker, len(sizes), tmp_path, sizes, channels_last, momentum)
 
 
+_TORCH_ACT = {"relu": torch.relu, "silu": torch.nn.functional.silu,
+              "leaky_relu": lambda z: torch.nn.functional.leaky_relu(z, 0.2),
+              "gelu": torch.nn.functional.gelu, "identity": lambda z: z}
+
+
+def _sync_act_worker(rank, world, sizes, channels_last, activation, with_residual):
+    """SyncBatchNormAct (converted from BatchNormAct2d) against torch's
+    BatchNorm2d + residual + activation in float64 over the global batch."""
+    torch.manual_seed(0)
+    ref = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-1, 1)
+    fused = bnext.BatchNormAct2d(3, activation=activation, negative_slope=0.2)
+    fused.load_state_dict(ref.state_dict())
+    ours = bnext.SyncBatchNorm.convert_sync_batchnorm(fused)
+    assert type(ours) is bnext.SyncBatchNormAct and ours.activation == activation
+    ref.double()
+    act = _TORCH_ACT[activation]
+    start = sum(sizes[:rank])
+    for step in range(2):
+        x, dy = _global_batch(sizes, channels_last)
+        x, dy = x * (step + 1), dy + step
+        r = torch.randn(x.shape, generator=torch.Generator().manual_seed(step)).contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        xr, rr = x.double().requires_grad_(), r.double().requires_grad_()
+        y_ref = act(ref(xr) + rr) if with_residual else act(ref(xr))
+        y_ref.backward(dy.double())
+        mine = slice(start, start + sizes[rank])
+        xl = x[mine].clone().requires_grad_()
+        rl = r[mine].clone().requires_grad_() if with_residual else None
+        y = ours(xl, rl)
+        y.backward(dy[mine])
+        _close(y, y_ref[mine])
+        _close(xl.grad, xr.grad[mine])
+        if with_residual:
+            _close(rl.grad, rr.grad[mine])
+        grads = torch.stack([ours.weight.grad, ours.bias.grad])
+        dist.all_reduce(grads)
+        _close(grads[0], ref.weight.grad)
+        _close(grads[1], ref.bias.grad)
+        _close(ours.running_mean, ref.running_mean)
+        _close(ours.running_var, ref.running_var)
+        assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
+        ref.zero_grad()
+        ours.zero_grad()
+
+
+@pytest.mark.parametrize("sizes,channels_last,activation,with_residual", [
+    ([3, 5], False, "relu", True),
+    ([4, 0, 3], True, "silu", False),
+    ([2, 3, 1, 4], True, "leaky_relu", True),
+    ([3, 4], False, "identity", True),
+], ids=["2ranks-relu-res", "3ranks-empty-silu-cl", "4ranks-leaky-res-cl", "2ranks-identity-res"])
+def test_sync_act_equals_global_batch_norm_act(tmp_path, sizes, channels_last, activation,
+                                               with_residual):
+    run_ranks(_sync_act_worker, len(sizes), tmp_path, sizes, channels_last, activation,
+              with_residual)
+
+
 @pytest.mark.skipif(not (HAS_BNEXT_CUDA and torch.cuda.device_count() >= 2),
                     reason="needs 2 GPUs and bnext built with CUDA kernels")
 def test_sync_nccl(tmp_path):
@@ -143,15 +203,23 @@ def test_converter_keeps_objects_and_skips_custom_forward():
     weight = model[1].weight
     out = bnext.SyncBatchNorm.convert_sync_batchnorm(model, process_group=None)
     assert [type(m) for m in out] == [bnext.SyncBatchNorm] * 3 + [Fused]
+    acts = torch.nn.Sequential(bnext.BatchNormAct2d(3, activation="silu"),
+                               bnext.BatchNormAct2d(3, activation="elu", memory_saving=True))
+    acts = bnext.SyncBatchNorm.convert_sync_batchnorm(acts)
+    assert [type(m) for m in acts] == [bnext.SyncBatchNormAct, bnext.BatchNormAct2d]
+    assert acts[0].activation == "silu"
     assert out[1].weight is weight
     # Not a torch.nn.SyncBatchNorm subclass: DDP refuses those on CPU.
     assert not isinstance(out[0], torch.nn.SyncBatchNorm)
     assert isinstance(out[0], torch.nn.modules.batchnorm._BatchNorm)
 
 
-def _compile_worker(rank, world, momentum, channels_last):
+def _compile_worker(rank, world, momentum, channels_last, activation):
     torch.manual_seed(0)
-    eager = bnext.SyncBatchNorm(3, momentum=momentum)
+    if activation is None:
+        eager = bnext.SyncBatchNorm(3, momentum=momentum)
+    else:  # the fused module, with a residual
+        eager = bnext.SyncBatchNormAct(3, momentum=momentum, activation=activation)
     model = copy.deepcopy(eager)
     # fullgraph: the functional collectives are traced, nothing breaks the graph.
     compiled = torch.compile(model, fullgraph=True)
@@ -160,12 +228,19 @@ def _compile_worker(rank, world, momentum, channels_last):
     for step in range(3):
         x = (torch.randn(rank + 3, 3, 2, 2, generator=g) * (step + 1)).contiguous(memory_format=fmt)
         xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ye, yc = eager(xe), compiled(xc)
+        if activation is None:
+            ye, yc = eager(xe), compiled(xc)
+        else:
+            r = torch.randn(x.shape, generator=g)
+            re_, rc = r.clone().requires_grad_(), r.clone().requires_grad_()
+            ye, yc = eager(xe, re_), compiled(xc, rc)
         torch.testing.assert_close(yc, ye)
         dy = torch.randn(x.shape, generator=g)
         ye.backward(dy)
         yc.backward(dy)
         torch.testing.assert_close(xc.grad, xe.grad)
+        if activation is not None:
+            torch.testing.assert_close(rc.grad, re_.grad)
         torch.testing.assert_close(model.weight.grad, eager.weight.grad)
         torch.testing.assert_close(model.bias.grad, eager.bias.grad)
     torch.testing.assert_close(model.running_mean, eager.running_mean)
@@ -173,10 +248,11 @@ def _compile_worker(rank, world, momentum, channels_last):
     assert model.num_batches_tracked.item() == eager.num_batches_tracked.item() == 3
 
 
-@pytest.mark.parametrize("momentum,channels_last", [(0.1, False), (None, True)],
-                         ids=["momentum0.1", "momentumNone-cl"])
-def test_compile_fullgraph_equals_eager(tmp_path, momentum, channels_last):
-    run_ranks(_compile_worker, 2, tmp_path, momentum, channels_last)
+@pytest.mark.parametrize("momentum,channels_last,activation",
+                         [(0.1, False, None), (None, True, None), (0.1, True, "silu")],
+                         ids=["momentum0.1", "momentumNone-cl", "act-silu-residual-cl"])
+def test_compile_fullgraph_equals_eager(tmp_path, momentum, channels_last, activation):
+    run_ranks(_compile_worker, 2, tmp_path, momentum, channels_last, activation)
 
 
 def _one_value_worker(rank, world):

@@ -75,9 +75,9 @@ bool act_backward_resident(
     at::Tensor& sum_gt,
     at::Tensor& dx);
 
-// dx = g * A + t * B + K with (C,) float64 A, B, K; g is read from
-// `grad_residual` when it is defined (pass 1 wrote it) and exact (float,
-// double), else recomputed.
+// dx = g * A + t * B + K with (C,) float64 A, B, K. With a residual, g is
+// read from `grad_residual` (pass 1 wrote it; required then) for float and
+// double, and recomputed for half types.
 void act_backward_elementwise(
     const at::Tensor& dy,
     const GradSource& src,

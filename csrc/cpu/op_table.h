@@ -79,8 +79,9 @@ struct OpTable {
   Tensor (*batch_norm_backward_elemt)(
       const Tensor& grad_output, const Tensor& input, const Tensor& mean,
       const Tensor& invstd, const optional<Tensor>& weight, const optional<Tensor>& bias,
-      const optional<Tensor>& residual, const Tensor& sums, const Tensor& count,
-      c10::string_view activation, double negative_slope);
+      const optional<Tensor>& residual, const optional<Tensor>& grad_residual,
+      const Tensor& sums, const Tensor& count, c10::string_view activation,
+      double negative_slope);
 };
 
 // Each level library's part of the table: ops_cpu.cpp fills the plain ops,

@@ -198,6 +198,7 @@ Tensor batch_norm_backward_elemt(
     const optional<Tensor>& weight,
     const optional<Tensor>& bias,
     const optional<Tensor>& residual,
+    const optional<Tensor>& grad_residual,
     const Tensor& sums,
     const Tensor& count,
     c10::string_view activation,
@@ -207,6 +208,11 @@ Tensor batch_norm_backward_elemt(
   check_residual(input, residual);
   check_grad_output(grad_output, input);
   check_backward_sums(input, sums, count);
+  TORCH_CHECK(
+      !has(residual) || (has(grad_residual) && grad_residual->sizes() == input.sizes() &&
+                         grad_residual->scalar_type() == input.scalar_type()),
+      "batch_norm_backward_elemt: with a residual, grad_residual (g from "
+      "batch_norm_backward_reduce) must be given, with the input's size and dtype");
   const ActSpec spec = spec_of(activation, negative_slope);
   const int64_t C = input.size(1);
   const at::ScalarType acc = acc_dtype(input.scalar_type());
@@ -256,7 +262,7 @@ Tensor batch_norm_backward_elemt(
     backward_elementwise(dy, x, exact_f32 ? m : nk.mean_hi, A, B, K, /*use_x=*/true, dx);
   } else {
     const GradSource src{x, false, r, nk.mean_hi, nk.alpha, nk.beta, spec};
-    act_backward_elementwise(dy, src, Tensor(), A, B, K, dx);
+    act_backward_elementwise(dy, src, dense_or_undefined(grad_residual, fmt), A, B, K, dx);
   }
   return dx;
 }
