@@ -233,6 +233,13 @@ __global__ void __launch_bounds__(kThreads) reduce_inner_kernel(
   }
 }
 
+// The phase ops' sums (launch.h, BackwardArgs).
+struct PhaseSums {
+  double* sums_out;
+  const double* sums_in;
+  const double* count_in;
+};
+
 // Per channel, in float64 (formulas of csrc/cpu/channel_math.cpp
 // backward_coeffs and the fused op's from-output adjustment). Writes the
 // apply pass's coefficients [A | B | K | mh | al | be] (acc, 6 * C).
@@ -248,7 +255,8 @@ __global__ void backward_finalize_kernel(
     double count,
     A* __restrict__ grad_weight,
     A* __restrict__ grad_bias,
-    A* __restrict__ coef) {
+    A* __restrict__ coef,
+    PhaseSums phase) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) {
     return;
@@ -257,6 +265,12 @@ __global__ void backward_finalize_kernel(
   for (int64_t p = 0; p < splits; ++p) {
     s += static_cast<double>(part_g[p * C + c]);
     sgt += static_cast<double>(part_gt[p * C + c]);
+  }
+  if (phase.sums_in != nullptr) {
+    // The global sums, already around the float64 mean (from the input).
+    s = phase.sums_in[c];
+    sgt = phase.sums_in[C + c] + (st.mean[c] - static_cast<double>(static_cast<A>(st.mean[c]))) * s;
+    count = phase.count_in[c];
   }
   A mh, al, be;
   st.rebuild(c, from_output, mh, al, be);
@@ -271,6 +285,10 @@ __global__ void backward_finalize_kernel(
   const double sx = from_output ? sgt * x_per_t : sgt - (m - static_cast<double>(mh)) * s;
   if (grad_weight != nullptr) grad_weight[c] = static_cast<A>(sx * is);
   if (grad_bias != nullptr) grad_bias[c] = static_cast<A>(s);
+  if (phase.sums_out != nullptr) {
+    phase.sums_out[c] = s;
+    phase.sums_out[C + c] = sx;
+  }
   double B = 0.0, K = 0.0;
   if (train) {
     // dx = w*invstd*(g - mean(g) - (x - mean)*invstd^2*mean(g*(x - mean)))
@@ -409,8 +427,9 @@ cudaError_t launch_batch_norm_backward(
                                  a.invstd_from_var, static_cast<A>(a.eps),
                                  static_cast<const A*>(a.weight), static_cast<const A*>(a.bias)};
         const A slope = static_cast<A>(a.negative_slope);
-        const bool need_sums = a.grad_weight != nullptr || a.grad_bias != nullptr ||
-            a.grad_residual != nullptr || (a.train && a.grad_input != nullptr);
+        const bool need_sums = a.sums_in == nullptr &&
+            (a.grad_weight != nullptr || a.grad_bias != nullptr || a.grad_residual != nullptr ||
+             a.sums_out != nullptr || (a.train && a.grad_input != nullptr));
         const ReductionGeometry g = need_sums
             ? reduction_geometry(shape, kVec, kMinPacksPerBlock)
             : ReductionGeometry{};
@@ -441,14 +460,15 @@ cudaError_t launch_batch_norm_backward(
         backward_finalize_kernel<A><<<fin_blocks, kThreads, 0, stream>>>(
             shape.C, g.splits, part_g, part_gt, st, kFromOutput, a.train,
             static_cast<double>(shape.count()), static_cast<A*>(a.grad_weight),
-            static_cast<A*>(a.grad_bias), coef);
+            static_cast<A*>(a.grad_bias), coef, PhaseSums{a.sums_out, a.sums_in, a.count_in});
         cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess || a.grad_input == nullptr || shape.numel() == 0) {
           return err;
         }
         // g is reused from pass 1 only where storing it lost nothing.
         constexpr bool kExact = std::is_same_v<T, float> || std::is_same_v<T, double>;
-        const T* g_in = kExact ? static_cast<const T*>(a.grad_residual) : nullptr;
+        const void* g_src = a.g_in != nullptr ? a.g_in : a.grad_residual;
+        const T* g_in = kExact ? static_cast<const T*>(g_src) : nullptr;
         const int64_t nvec = shape.numel() / kVec;
         backward_apply_kernel<T, kVec, kAct, kFromOutput>
             <<<elementwise_blocks(nvec), kThreads, 0, stream>>>(

@@ -84,7 +84,54 @@ __global__ void __launch_bounds__(kThreads) normalize_act_kernel(
   }
 }
 
+// One thread per channel: the training coefficients (as stats_finalize_kernel
+// derives them) from given statistics, for batch_norm_elemt.
+template <typename A>
+__global__ void given_stats_coef_kernel(
+    int64_t C,
+    const double* __restrict__ mean,
+    const A* __restrict__ invstd,
+    const A* __restrict__ weight,
+    const A* __restrict__ bias,
+    A* __restrict__ coef) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) {
+    return;
+  }
+  const double m = mean[c];
+  const A mean_hi = static_cast<A>(m);
+  const A alpha = invstd[c] * (weight != nullptr ? weight[c] : A(1));
+  const A b = bias != nullptr ? bias[c] : A(0);
+  coef[c] = mean_hi;
+  coef[C + c] = alpha;
+  coef[2 * C + c] =
+      static_cast<A>(static_cast<double>(b) - (m - static_cast<double>(mean_hi)) * static_cast<double>(alpha));
+}
+
 }  // namespace
+
+cudaError_t launch_normalize_coeffs(
+    DType dtype,
+    int64_t C,
+    const double* mean,
+    const void* invstd,
+    const void* weight,
+    const void* bias,
+    void* coef,
+    cudaStream_t stream) {
+  if (C == 0) {
+    return cudaSuccess;
+  }
+  const unsigned blocks = static_cast<unsigned>((C + kThreads - 1) / kThreads);
+  auto launch = [&](auto tag) {
+    using A = decltype(tag);
+    given_stats_coef_kernel<A><<<blocks, kThreads, 0, stream>>>(
+        C, mean, static_cast<const A*>(invstd), static_cast<const A*>(weight),
+        static_cast<const A*>(bias), static_cast<A*>(coef));
+    return cudaGetLastError();
+  };
+  return dtype == DType::Double ? launch(double{}) : launch(float{});
+}
 
 cudaError_t launch_normalize_act(
     DType dtype, const Shape& shape, const ForwardArgs& a, cudaStream_t stream) {

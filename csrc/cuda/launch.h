@@ -43,7 +43,9 @@ std::size_t batch_stats_workspace_bytes(const Shape& shape, DType dtype);
 //   coefficients of out = (x - mean_hi) * alpha + beta.
 // An empty batch (N*S == 0) gets mean 0 and variance 0, like the CPU kernels.
 // require_nonzero_weight (memory_saving) makes a zero weight a device-side
-// assert (device_utils.cuh, BNEXT_DEVICE_REQUIRE).
+// assert (device_utils.cuh, BNEXT_DEVICE_REQUIRE). `moments`, when not null,
+// receives the (count, mean, M2) rows of batch_norm_moments (float64, 3*C);
+// save_mean null then skips save_mean, save_invstd, unbiased_var and coef.
 cudaError_t launch_batch_stats(
     DType dtype,
     const Shape& shape,
@@ -57,9 +59,36 @@ cudaError_t launch_batch_stats(
     void* save_invstd,
     void* unbiased_var,
     void* coef,
+    double* moments,
+    cudaStream_t stream);
+
+// Merge of K stacked (count, mean, M2) rows (moments: float64, K*3*C) into
+// per-channel mean, invstd = 1/sqrt(M2/n + eps), unbiased_var = M2/(n-1)
+// and count, all float64 (csrc/moments.h).
+cudaError_t launch_merge_moments(
+    int64_t K,
+    int64_t C,
+    const double* moments,
+    double eps,
+    double* mean,
+    double* invstd,
+    double* unbiased_var,
+    double* count,
     cudaStream_t stream);
 
 // ---------------------------------------------------------------- forward
+// coef = [mean_hi | alpha | beta] (acc, 3*C) from a float64 mean and an acc
+// invstd, as launch_batch_stats derives them: batch_norm_elemt's.
+cudaError_t launch_normalize_coeffs(
+    DType dtype,
+    int64_t C,
+    const double* mean,
+    const void* invstd,
+    const void* weight,
+    const void* bias,
+    void* coef,
+    cudaStream_t stream);
+
 // out = act((x - mean_hi) * alpha + beta + residual), one pass. The
 // coefficients are `coef` (training, from launch_batch_stats) or, when coef
 // is null, computed in the pass from running_mean/running_var (acc), weight,
@@ -126,6 +155,16 @@ struct BackwardArgs {
   void* grad_residual = nullptr;
   void* grad_weight = nullptr;
   void* grad_bias = nullptr;
+  // The phase ops (training, from the input). sums_out: the reduce pass's
+  // [sum g | sum g * (x - mean)] (float64, 2*C), for batch_norm_backward_reduce
+  // (grad_input stays null). sums_in and count_in (float64, 2*C and C): the
+  // global sums and counts for grad_input, replacing the reduce pass, for
+  // batch_norm_backward_elemt; g_in then is that pass's g (grad_residual),
+  // needed with a residual.
+  double* sums_out = nullptr;
+  const double* sums_in = nullptr;
+  const double* count_in = nullptr;
+  const void* g_in = nullptr;
 };
 std::size_t backward_workspace_bytes(const Shape& shape, DType dtype);
 cudaError_t launch_batch_norm_backward(

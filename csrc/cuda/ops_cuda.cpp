@@ -125,7 +125,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> train_forward(
       launch_batch_stats(
           dt, shape, ptr(x), ptr(w), ptr(b), eps, memory_saving, ws.mutable_data_ptr(),
           save_mean.mutable_data_ptr<double>(), save_invstd.mutable_data_ptr(),
-          unbiased_var.mutable_data_ptr(), coef.mutable_data_ptr(), stream),
+          unbiased_var.mutable_data_ptr(), coef.mutable_data_ptr(), /*moments=*/nullptr,
+          stream),
       "batch statistics");
   Tensor out = empty_output(input, fmt);
   ForwardArgs args;
@@ -424,6 +425,220 @@ batch_norm_act_backward(
   return {out[0], out[1], out[2], out[3]};
 }
 
+// ------------------------------------------------------------ the phase ops
+
+Tensor batch_norm_moments(const Tensor& input) {
+  check_batch_norm_args(input, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
+  const c10::DeviceGuard guard(input.device());
+  const Tensor x = input.contiguous(output_memory_format(input));
+  const Shape shape = shape_of(x);
+  const DType dt = dtype_of(input.scalar_type());
+  Tensor moments = at::empty({3, shape.C}, x.options().dtype(at::kDouble));
+  Tensor ws = workspace(x, batch_stats_workspace_bytes(shape, dt));
+  check_cuda(
+      launch_batch_stats(
+          dt, shape, ptr(x), nullptr, nullptr, 1.0, false, ws.mutable_data_ptr(), nullptr,
+          nullptr, nullptr, nullptr, moments.mutable_data_ptr<double>(), current_stream(x)),
+      "batch moments");
+  return moments;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_merge_moments(
+    const Tensor& moments,
+    double eps) {
+  check_moments(moments);
+  check_eps(eps, /*training=*/true);
+  const c10::DeviceGuard guard(moments.device());
+  const Tensor m = moments.contiguous();
+  const int64_t K = m.size(0);
+  const int64_t C = m.size(2);
+  const auto opts = m.options();
+  Tensor mean = at::empty({C}, opts), invstd = at::empty({C}, opts);
+  Tensor unbiased = at::empty({C}, opts), count = at::empty({C}, opts);
+  check_cuda(
+      launch_merge_moments(
+          K, C, m.const_data_ptr<double>(), eps, mean.mutable_data_ptr<double>(),
+          invstd.mutable_data_ptr<double>(), unbiased.mutable_data_ptr<double>(),
+          count.mutable_data_ptr<double>(), current_stream(m)),
+      "moment merge");
+  return {mean, invstd, unbiased, count};
+}
+
+Tensor batch_norm_elemt(
+    const Tensor& input,
+    const optional<Tensor>& weight,
+    const optional<Tensor>& bias,
+    const Tensor& mean,
+    const Tensor& invstd,
+    const optional<Tensor>& residual,
+    c10::string_view activation,
+    double negative_slope) {
+  check_batch_norm_args(input, weight, bias, std::nullopt, std::nullopt);
+  check_given_statistics(input, mean, invstd);
+  check_residual(input, residual);
+  const Act act = act_of(activation);
+  const c10::DeviceGuard guard(input.device());
+  const at::MemoryFormat fmt = output_memory_format(input);
+  const Tensor x = input.contiguous(fmt);
+  const Tensor r = dense(residual, fmt);
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const Shape shape = shape_of(x);
+  const DType dt = dtype_of(input.scalar_type());
+  const Tensor m = channel(mean, at::kDouble);
+  const Tensor is = channel(invstd, acc);
+  const Tensor w = channel(weight, acc);
+  const Tensor b = channel(bias, acc);
+  Tensor coef = at::empty({3 * shape.C}, x.options().dtype(acc));
+  const cudaStream_t stream = current_stream(x);
+  check_cuda(
+      launch_normalize_coeffs(
+          dt, shape.C, m.const_data_ptr<double>(), ptr(is), ptr(w), ptr(b),
+          coef.mutable_data_ptr(), stream),
+      "normalize coefficients");
+  Tensor out = empty_output(input, fmt);
+  ForwardArgs args;
+  args.x = ptr(x);
+  args.residual = ptr(r);
+  args.out = out.mutable_data_ptr();
+  args.coef = coef.const_data_ptr();
+  args.act = act;
+  args.negative_slope = negative_slope;
+  check_cuda(launch_normalize_act(dt, shape, args, stream), "normalization");
+  return out;
+}
+
+// The phase ops' backward: the fused backward from the input, with the
+// reduce pass's sums leaving (reduce) or the global sums entering (elemt).
+BackwardArgs phase_backward_args(
+    const Tensor& dy,
+    const Tensor& x,
+    const Tensor& r,
+    const Tensor& w,
+    const Tensor& b,
+    const Tensor& mean,
+    const Tensor& invstd,
+    Act act,
+    double negative_slope) {
+  BackwardArgs a;
+  a.grad_output = ptr(dy);
+  a.saved = ptr(x);
+  a.residual = ptr(r);
+  a.weight = ptr(w);
+  a.bias = ptr(b);
+  a.mean = mean.const_data_ptr<double>();
+  a.invstd_or_var = ptr(invstd);
+  a.train = true;
+  a.act = act;
+  a.negative_slope = negative_slope;
+  return a;
+}
+
+std::tuple<Tensor, optional<Tensor>, optional<Tensor>, optional<Tensor>>
+batch_norm_backward_reduce(
+    const Tensor& grad_output,
+    const Tensor& input,
+    const Tensor& mean,
+    const Tensor& invstd,
+    const optional<Tensor>& weight,
+    const optional<Tensor>& bias,
+    const optional<Tensor>& residual,
+    c10::string_view activation,
+    double negative_slope,
+    std::array<bool, 3> output_mask) {
+  check_batch_norm_args(input, weight, bias, std::nullopt, std::nullopt);
+  check_given_statistics(input, mean, invstd);
+  check_residual(input, residual);
+  check_grad_output(grad_output, input);
+  TORCH_CHECK(
+      has(residual) || !output_mask[2],
+      "batch_norm_backward_reduce: grad_residual requested without a residual");
+  const Act act = act_of(activation);
+  const c10::DeviceGuard guard(input.device());
+  const at::MemoryFormat fmt = output_memory_format(input);
+  const Tensor x = input.contiguous(fmt);
+  const Tensor dy = grad_output.contiguous(fmt);
+  const Tensor r = dense(residual, fmt);
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const Shape shape = shape_of(x);
+  const DType dt = dtype_of(input.scalar_type());
+  const Tensor m = channel(mean, at::kDouble);
+  const Tensor is = channel(invstd, acc);
+  const Tensor w = channel(weight, acc);
+  const Tensor b = channel(bias, acc);
+  const auto stat = x.options().dtype(acc);
+  Tensor g = r.defined() ? empty_output(input, fmt) : Tensor();
+  Tensor sums = at::empty({2, shape.C}, x.options().dtype(at::kDouble));
+  Tensor gw = output_mask[0] ? at::empty({shape.C}, stat) : Tensor();
+  Tensor gb = output_mask[1] ? at::empty({shape.C}, stat) : Tensor();
+  Tensor ws = workspace(x, backward_workspace_bytes(shape, dt));
+  BackwardArgs a = phase_backward_args(dy, x, r, w, b, m, is, act, negative_slope);
+  a.grad_residual = mut_ptr(g);
+  a.grad_weight = mut_ptr(gw);
+  a.grad_bias = mut_ptr(gb);
+  a.sums_out = sums.mutable_data_ptr<double>();
+  check_cuda(
+      launch_batch_norm_backward(dt, shape, a, ws.mutable_data_ptr(), current_stream(x)),
+      "backward reduce");
+  const at::ScalarType param_dtype = has(weight) ? weight->scalar_type() : acc;
+  optional<Tensor> gw_out, gb_out, gr_out;
+  if (output_mask[0]) gw_out = gw.to(param_dtype);
+  if (output_mask[1]) gb_out = gb.to(param_dtype);
+  if (output_mask[2]) gr_out = g;
+  return {sums, gw_out, gb_out, gr_out};
+}
+
+Tensor batch_norm_backward_elemt(
+    const Tensor& grad_output,
+    const Tensor& input,
+    const Tensor& mean,
+    const Tensor& invstd,
+    const optional<Tensor>& weight,
+    const optional<Tensor>& bias,
+    const optional<Tensor>& residual,
+    const optional<Tensor>& grad_residual,
+    const Tensor& sums,
+    const Tensor& count,
+    c10::string_view activation,
+    double negative_slope) {
+  check_batch_norm_args(input, weight, bias, std::nullopt, std::nullopt);
+  check_given_statistics(input, mean, invstd);
+  check_residual(input, residual);
+  check_grad_output(grad_output, input);
+  check_backward_sums(input, sums, count);
+  TORCH_CHECK(
+      !has(residual) || (has(grad_residual) && grad_residual->sizes() == input.sizes() &&
+                         grad_residual->scalar_type() == input.scalar_type()),
+      "batch_norm_backward_elemt: with a residual, grad_residual (g from "
+      "batch_norm_backward_reduce) must be given, with the input's size and dtype");
+  const Act act = act_of(activation);
+  const c10::DeviceGuard guard(input.device());
+  const at::MemoryFormat fmt = output_memory_format(input);
+  const Tensor x = input.contiguous(fmt);
+  const Tensor dy = grad_output.contiguous(fmt);
+  const Tensor r = dense(residual, fmt);
+  const Tensor g = dense(grad_residual, fmt);
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const Shape shape = shape_of(x);
+  const DType dt = dtype_of(input.scalar_type());
+  const Tensor m = channel(mean, at::kDouble);
+  const Tensor is = channel(invstd, acc);
+  const Tensor w = channel(weight, acc);
+  const Tensor b = channel(bias, acc);
+  const Tensor s = channel(sums, at::kDouble);
+  const Tensor n = channel(count, at::kDouble);
+  Tensor dx = empty_output(input, fmt);
+  Tensor ws = workspace(x, backward_workspace_bytes(shape, dt));
+  BackwardArgs a = phase_backward_args(dy, x, r, w, b, m, is, act, negative_slope);
+  a.grad_input = dx.mutable_data_ptr();
+  a.sums_in = s.const_data_ptr<double>();
+  a.count_in = n.const_data_ptr<double>();
+  a.g_in = ptr(g);
+  check_cuda(
+      launch_batch_norm_backward(dt, shape, a, ws.mutable_data_ptr(), current_stream(x)),
+      "backward elementwise");
+  return dx;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnext, CUDA, m) {
@@ -434,6 +649,11 @@ TORCH_LIBRARY_IMPL(bnext, CUDA, m) {
   m.impl("batch_norm_act_train", &batch_norm_act_train);
   m.impl("batch_norm_act_eval", &batch_norm_act_eval);
   m.impl("batch_norm_act_backward", &batch_norm_act_backward);
+  m.impl("batch_norm_moments", &batch_norm_moments);
+  m.impl("batch_norm_merge_moments", &batch_norm_merge_moments);
+  m.impl("batch_norm_elemt", &batch_norm_elemt);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt);
 }
 
 }  // namespace bnext::cuda

@@ -8,6 +8,7 @@
 // float mean of ~1e4 * std is only good to half an ulp of 1e4 (5e-4 std),
 // while x - shift is exact (Sterbenz) and O(std), so its float mean is good
 // to ~1e-7 std and shift + mean is formed in float64.
+#include "../moments.h"
 #include "device_utils.cuh"
 
 namespace bnext::cuda {
@@ -199,7 +200,8 @@ __global__ void stats_finalize_kernel(
     double* __restrict__ save_mean,
     A* __restrict__ save_invstd,
     A* __restrict__ unbiased_var,
-    A* __restrict__ coef) {
+    A* __restrict__ coef,
+    double* __restrict__ moments) {
   const int lane = threadIdx.x % 32;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (c >= C) {
@@ -226,6 +228,14 @@ __global__ void stats_finalize_kernel(
   var_d = var_d < 0.0 ? 0.0 : var_d;  // rounding only; NaN passes
   const A var = static_cast<A>(var_d);
   const A invstd = A(1) / sqrt(var + static_cast<A>(eps));
+  if (moments != nullptr) {
+    moments[c] = w.n;
+    moments[C + c] = mean;
+    moments[2 * C + c] = w.n > 0 ? w.m2 : 0.0;
+  }
+  if (save_mean == nullptr) {
+    return;  // moments only (batch_norm_moments)
+  }
   save_mean[c] = mean;
   save_invstd[c] = invstd;
   unbiased_var[c] = static_cast<A>(static_cast<double>(var) * (w.n / (w.n - 1.0)));
@@ -258,6 +268,7 @@ cudaError_t launch_batch_stats(
     void* save_invstd,
     void* unbiased_var,
     void* coef,
+    double* moments,
     cudaStream_t stream) {
   if (shape.C == 0) {
     return cudaSuccess;
@@ -291,10 +302,59 @@ cudaError_t launch_batch_stats(
           static_cast<const T*>(x), shape.C, shape.S, shape.channels_inner, g.splits, parts,
           static_cast<const A*>(weight), static_cast<const A*>(bias), eps, require_nonzero_weight,
           save_mean, static_cast<A*>(save_invstd), static_cast<A*>(unbiased_var),
-          static_cast<A*>(coef));
+          static_cast<A*>(coef), moments);
       return cudaGetLastError();
     });
   });
+}
+
+namespace {
+
+// One thread per channel, all float64: the merge of batch_norm_merge_moments
+// (csrc/moments.h, the CPU's arithmetic).
+__global__ void merge_moments_kernel(
+    int64_t K,
+    int64_t C,
+    const double* __restrict__ moments,
+    double eps,
+    double* __restrict__ mean,
+    double* __restrict__ invstd,
+    double* __restrict__ unbiased_var,
+    double* __restrict__ count) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) {
+    return;
+  }
+  MergedMoments r;
+  for (int64_t k = 0; k < K; ++k) {
+    const double* part = moments + k * 3 * C;
+    r.add(part[c], part[C + c], part[2 * C + c]);
+  }
+  count[c] = r.n;
+  mean[c] = r.mean;
+  invstd[c] = 1.0 / sqrt(r.m2 / r.n + eps);
+  unbiased_var[c] = r.m2 / (r.n - 1.0);
+}
+
+}  // namespace
+
+cudaError_t launch_merge_moments(
+    int64_t K,
+    int64_t C,
+    const double* moments,
+    double eps,
+    double* mean,
+    double* invstd,
+    double* unbiased_var,
+    double* count,
+    cudaStream_t stream) {
+  if (C == 0) {
+    return cudaSuccess;
+  }
+  const unsigned blocks = static_cast<unsigned>((C + kThreads - 1) / kThreads);
+  merge_moments_kernel<<<blocks, kThreads, 0, stream>>>(
+      K, C, moments, eps, mean, invstd, unbiased_var, count);
+  return cudaGetLastError();
 }
 
 }  // namespace bnext::cuda
