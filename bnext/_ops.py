@@ -64,8 +64,49 @@ def _batch_norm_train_fake(input, weight, bias, eps):
     )
 
 
+def _same_device(input, **tensors):
+    # A meta tensor beside real ones routes the call here (Meta outranks
+    # CPU/CUDA in dispatch); the real kernels would raise this.
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(
+                "Expected all tensors to be on the same device, but found input on "
+                f"{input.device} and {name} on {t.device}")
+
+
+def _step_stats(input):
+    C = input.shape[1] if input.dim() > 1 else 0
+    return (input.new_empty((C,), dtype=torch.float64),
+            input.new_empty((C,), dtype=acc_dtype(input.dtype)))
+
+
+@torch.library.register_fake("bnext::batch_norm_train_step")
+def _batch_norm_train_step_fake(input, weight, bias, running_mean, running_var,
+                                num_batches_tracked, momentum, eps):
+    _same_device(input, weight=weight, bias=bias, running_mean=running_mean,
+                 running_var=running_var)
+    return (_empty_like_output(input), *_step_stats(input))
+
+
+@torch.library.register_fake("bnext::batch_norm_act_train_step")
+def _batch_norm_act_train_step_fake(input, weight, bias, residual, running_mean, running_var,
+                                    num_batches_tracked, momentum, eps, activation,
+                                    negative_slope, memory_saving):
+    _same_device(input, weight=weight, bias=bias, residual=residual, running_mean=running_mean,
+                 running_var=running_var)
+    return (_empty_like_output(input), *_step_stats(input))
+
+
+@torch.library.register_fake("bnext::check_batch_norm_call")
+def _check_batch_norm_call_fake(input, weight, bias, running_mean, running_var,
+                                num_batches_tracked, training, eps):
+    return None
+
+
 @torch.library.register_fake("bnext::batch_norm_eval")
 def _batch_norm_eval_fake(input, running_mean, running_var, weight, bias, eps):
+    _same_device(input, weight=weight, bias=bias, running_mean=running_mean,
+                 running_var=running_var)
     return _empty_like_output(input)
 
 
@@ -106,6 +147,8 @@ def _batch_norm_act_train_fake(input, weight, bias, residual, eps, activation,
 @torch.library.register_fake("bnext::batch_norm_act_eval")
 def _batch_norm_act_eval_fake(input, running_mean, running_var, weight, bias, residual,
                               eps, activation, negative_slope, memory_saving):
+    _same_device(input, weight=weight, bias=bias, residual=residual, running_mean=running_mean,
+                 running_var=running_var)
     return _empty_like_output(input)
 
 

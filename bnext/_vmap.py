@@ -85,6 +85,17 @@ def _backward_vmap(info, in_dims, grad_output, input, weight, running_mean,
     return outs, tuple(None if o is None else (1 if i == 0 else 0) for i, o in enumerate(outs))
 
 
+@torch.library.register_vmap("bnext::check_batch_norm_call")
+def _check_vmap(info, in_dims, input, weight, bias, running_mean, running_var,
+                num_batches_tracked, training, eps):
+    # Every sample has the same shapes: checking the first checks them all.
+    first = [t if t is None or d is None else t.select(d, 0)
+             for t, d in zip((input, weight, bias, running_mean, running_var,
+                              num_batches_tracked), in_dims)]
+    ops.check_batch_norm_call(*first, training, eps)
+    return None, None
+
+
 @torch.library.register_vmap("bnext::update_running_stats")
 def _update_vmap(info, in_dims, running_mean, running_var, save_mean, unbiased_var,
                  momentum, num_batches_tracked):

@@ -9,8 +9,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._activations import check_activation
-from ._checks import check_batch_norm_args
 from ._autograd import eval_forward, train_forward
 from ._ops import ops
 
@@ -87,37 +85,39 @@ def _batch_norm(
 ) -> Tensor:
     """Shared by the functional API and the modules.
 
-    ``num_batches_tracked``, when given in training, is incremented in place
-    after validation. ``momentum=None`` then means a cumulative average with
-    factor ``1 / num_batches_tracked``, computed inside the update op so that
-    no Python float is read from a tensor (torch.compile-friendly).
+    One op per call: ``batch_norm_train_step`` validates every argument, then
+    computes, then increments ``num_batches_tracked`` (when given) and updates
+    the running statistics, so a rejected call changes nothing.
+    ``momentum=None`` means a cumulative average with factor
+    ``1 / num_batches_tracked``, read on the device (torch.compile-friendly).
     """
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    if torch._C._are_functorch_transforms_active():
+        return _composed_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                    momentum, eps, num_batches_tracked)
+    if not training:
+        return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+    return ops.batch_norm_train_step(input, weight, bias, running_mean, running_var,
+                                     num_batches_tracked, momentum, eps)[0]
+
+
+def _composed_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                         eps, num_batches_tracked):
+    # Under torch.func transforms: the functional ops with new-style
+    # autograd.Functions (see _autograd.py), validated first by the same C++
+    # checks as batch_norm_train_step.
+    ops.check_batch_norm_call(input, weight, bias, running_mean, running_var,
+                              num_batches_tracked, training, eps)
     if not training:
         return eval_forward(input, running_mean, running_var, weight, bias, eps)
-
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     output, save_mean, _, unbiased_var = train_forward(input, weight, bias, eps)
-    _update_running(input, running_mean, running_var, save_mean, unbiased_var, momentum,
-                    num_batches_tracked)
-    return output
-
-
-def _update_running(input, running_mean, running_var, save_mean, unbiased_var, momentum,
-                    num_batches_tracked):
-    # An empty batch has no statistics: torch leaves the running stats as they are.
     if running_mean is not None and input.numel() > 0:
         if momentum is None and num_batches_tracked is None:
             momentum = 0.0  # torch's factor when nothing is counted
-        ops.update_running_stats(
-            running_mean,
-            running_var,
-            save_mean,
-            unbiased_var,
-            momentum,
-            num_batches_tracked if momentum is None else None,
-        )
+        ops.update_running_stats(running_mean, running_var, save_mean, unbiased_var, momentum,
+                                 num_batches_tracked if momentum is None else None)
+    return output
 
 
 def batch_norm_act(
@@ -183,27 +183,14 @@ def _batch_norm_act(
     input, running_mean, running_var, weight, bias, training, momentum, eps,
     num_batches_tracked, residual, activation, negative_slope, memory_saving,
 ):
-    """Shared by ``batch_norm_act`` and the BatchNormAct modules; see
-    ``_batch_norm`` for ``num_batches_tracked`` and ``momentum=None``."""
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
-    check_activation(activation, negative_slope, memory_saving)
-    if residual is not None and residual.shape != input.shape:
-        raise RuntimeError(
-            f"bnext: residual has size {tuple(residual.shape)} but input has size "
-            f"{tuple(input.shape)}"
-        )
+    """Shared by ``batch_norm_act`` and the BatchNormAct modules: one op per
+    call, as ``_batch_norm`` (validation, then compute, then the buffers)."""
     if not training:
         return ops.batch_norm_act_eval(
             input, running_mean, running_var, weight, bias, residual, eps, activation,
             negative_slope, memory_saving,
         )
-    # The op runs first: on the CPU it is where a zero weight under
-    # memory_saving is rejected, and it must reject it before the counter moves.
-    output, save_mean, _, unbiased_var = ops.batch_norm_act_train(
-        input, weight, bias, residual, eps, activation, negative_slope, memory_saving
-    )
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    _update_running(input, running_mean, running_var, save_mean, unbiased_var, momentum,
-                    num_batches_tracked)
-    return output
+    return ops.batch_norm_act_train_step(
+        input, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+        momentum, eps, activation, negative_slope, memory_saving,
+    )[0]

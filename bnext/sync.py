@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from ._checks import check_batch_norm_args
 from ._ops import ops
 from .batchnorm_act import _BatchNormAct
 from .modules import _BatchNormForward
@@ -226,9 +225,13 @@ def _synced_module_forward(module, input, group, world, residual=None, activatio
     # Training (forward only gets here then): the running stats and
     # num_batches_tracked when they are tracked, None otherwise.
     running_mean, running_var, weight, bias, _, nbt = module._bn_arguments()
-    # training=False: one value per channel on this rank is fine, the
-    # global count is checked when the moments merge.
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, False, module.eps)
+    if running_mean is not None:
+        # The buffers against the input and parameters, before anything
+        # moves; eval's rules, since one value per channel on this rank is
+        # fine (the global count is checked when the moments merge). The
+        # phase ops check the rest.
+        ops.check_batch_norm_call(input, weight, bias, running_mean, running_var, nbt, False,
+                                  module.eps)
     return synced_batch_norm(input, weight, bias, running_mean, running_var, nbt,
                              module.momentum, module.eps, group, world, residual, activation,
                              negative_slope)

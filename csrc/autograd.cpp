@@ -1,4 +1,5 @@
-// Autograd kernels of the two plain forward ops, for every backend.
+// Autograd kernels of the plain forward ops and of the two training-step
+// ops, for every backend.
 //
 // Why C++: a torch.library.register_autograd formula runs Python at every
 // call, measured ~25 us per training forward with grad (~9 us even without),
@@ -11,10 +12,16 @@
 //  - backward: bnext::batch_norm_backward below autograd, or through its
 //    own autograd formula when the graph is being recorded (create_graph):
 //    that formula (Python, closed-form VJP) gives double backward.
+//  - batch_norm_train_step / batch_norm_act_train_step: the training call
+//    with its buffer updates; the buffers get no gradient, and, as in
+//    torch's batch norm, running statistics that require grad are refused.
+//  - inputs without elements: zero gradients (torch's, whose result for
+//    such inputs is input * weight[0] + bias[0]).
 // While a torch.func transform is active, bnext/_autograd.py routes calls
 // through new-style Python autograd.Functions instead (tested there; these
 // nodes are not tested under transforms).
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -90,6 +97,33 @@ Tensor cast_like(const optional<Tensor>& grad, const Tensor& param) {
   return g.to(param.scalar_type());
 }
 
+// torch's error for differentiable running statistics (RuntimeError), checked
+// where torch checks it: when autograd would record the call.
+void check_statistics_not_differentiable(
+    const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var,
+    const char* op_name) {
+  if (!at::GradMode::is_enabled()) {
+    return;
+  }
+  for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"},
+                                std::pair{&running_var, "running_var"}}) {
+    TORCH_CHECK(
+        !t->has_value() || !(*t)->defined() || !(*t)->requires_grad(), "The function '",
+        op_name, "' is not differentiable with respect to argument '", name,
+        "'. This input cannot have requires_grad True.");
+  }
+}
+
+// Gradients of a call on an input without elements: torch's output there is
+// input * weight[0] + bias[0], whose gradients are zeros.
+Grads empty_input_grads(
+    const Tensor& input, const Tensor& weight, const Tensor& bias, std::array<bool, 3> mask) {
+  return {mask[0] ? optional<Tensor>(at::zeros_like(input)) : std::nullopt,
+          mask[1] && weight.defined() ? optional<Tensor>(at::zeros_like(weight)) : std::nullopt,
+          mask[2] && bias.defined() ? optional<Tensor>(at::zeros_like(bias)) : std::nullopt};
+}
+
 class TrainFunction : public torch::autograd::Function<TrainFunction> {
  public:
   static variable_list forward(
@@ -133,19 +167,21 @@ class EvalFunction : public torch::autograd::Function<EvalFunction> {
   static Tensor forward(
       AutogradContext* ctx,
       const Tensor& input,
-      const Tensor& running_mean,
-      const Tensor& running_var,
+      const optional<Tensor>& running_mean,
+      const optional<Tensor>& running_var,
       const optional<Tensor>& weight,
       const optional<Tensor>& bias,
       double eps) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("bnext::batch_norm_eval", "")
                          .typed<Tensor(
-                             const Tensor&, const Tensor&, const Tensor&,
+                             const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
                              const optional<Tensor>&, const optional<Tensor>&, double)>();
+    check_statistics_not_differentiable(running_mean, running_var, "bnext::batch_norm_eval");
     at::AutoDispatchBelowADInplaceOrView guard;
     Tensor out = op.call(input, running_mean, running_var, weight, bias, eps);
-    ctx->save_for_backward({input, running_mean, running_var, value(weight), value(bias)});
+    ctx->save_for_backward(
+        {input, value(running_mean), value(running_var), value(weight), value(bias)});
     ctx->saved_data["eps"] = eps;
     return out;
   }
@@ -156,14 +192,194 @@ class EvalFunction : public torch::autograd::Function<EvalFunction> {
       return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     }
     const variable_list saved = ctx->get_saved_variables();
-    auto [gi, gw, gb] = call_backward(
-        grad_output, saved[0], saved[3], saved[1], saved[2], Tensor(), Tensor(),
-        /*train=*/false, ctx->saved_data["eps"].toDouble(),
-        output_mask(ctx, 3, saved[3].defined(), saved[4].defined()));
+    const auto mask = output_mask(ctx, 3, saved[3].defined(), saved[4].defined());
+    auto [gi, gw, gb] = saved[0].sym_numel() == 0
+        ? empty_input_grads(saved[0], saved[3], saved[4], mask)
+        : call_backward(
+              grad_output, saved[0], saved[3], saved[1], saved[2], Tensor(), Tensor(),
+              /*train=*/false, ctx->saved_data["eps"].toDouble(), mask);
     // Like torch's batch norm, the running statistics get no gradient.
     return {value(gi), Tensor(), Tensor(), value(gw), cast_like(gb, saved[4]), Tensor()};
   }
 };
+
+using Step = std::tuple<Tensor, Tensor, Tensor>;
+
+class TrainStepFunction : public torch::autograd::Function<TrainStepFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const Tensor& input,
+      const optional<Tensor>& weight,
+      const optional<Tensor>& bias,
+      const optional<Tensor>& running_mean,
+      const optional<Tensor>& running_var,
+      const optional<Tensor>& num_batches_tracked,
+      optional<double> momentum,
+      double eps) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("bnext::batch_norm_train_step", "")
+                         .typed<Step(
+                             const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+                             const optional<Tensor>&, const optional<Tensor>&,
+                             const optional<Tensor>&, optional<double>, double)>();
+    check_statistics_not_differentiable(running_mean, running_var, "bnext::batch_norm_train_step");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, save_mean, save_invstd] = op.call(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
+    ctx->mark_non_differentiable({save_mean, save_invstd});
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({input, value(weight), value(bias), save_mean, save_invstd});
+    ctx->saved_data["eps"] = eps;
+    return {out, save_mean, save_invstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list none(8);
+    const Tensor& grad_output = grads[0];
+    if (!grad_output.defined()) {
+      return none;
+    }
+    const variable_list saved = ctx->get_saved_variables();
+    const auto mask = output_mask(ctx, 1, saved[1].defined(), saved[2].defined());
+    auto [gi, gw, gb] = saved[0].sym_numel() == 0
+        ? empty_input_grads(saved[0], saved[1], saved[2], mask)
+        : call_backward(
+              grad_output, saved[0], saved[1], Tensor(), Tensor(), saved[3], saved[4],
+              /*train=*/true, ctx->saved_data["eps"].toDouble(), mask);
+    none[0] = value(gi);
+    none[1] = value(gw);
+    none[2] = cast_like(gb, saved[2]);
+    return none;
+  }
+};
+
+class ActTrainStepFunction : public torch::autograd::Function<ActTrainStepFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const Tensor& input,
+      const optional<Tensor>& weight,
+      const optional<Tensor>& bias,
+      const optional<Tensor>& residual,
+      const optional<Tensor>& running_mean,
+      const optional<Tensor>& running_var,
+      const optional<Tensor>& num_batches_tracked,
+      optional<double> momentum,
+      double eps,
+      c10::string_view activation,
+      double negative_slope,
+      bool memory_saving) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("bnext::batch_norm_act_train_step", "")
+                         .typed<Step(
+                             const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+                             const optional<Tensor>&, const optional<Tensor>&,
+                             const optional<Tensor>&, const optional<Tensor>&,
+                             optional<double>, double, c10::string_view, double, bool)>();
+    check_statistics_not_differentiable(
+        running_mean, running_var, "bnext::batch_norm_act_train_step");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, save_mean, save_invstd] = op.call(
+        input, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum,
+        eps, activation, negative_slope, memory_saving);
+    ctx->mark_non_differentiable({save_mean, save_invstd});
+    ctx->set_materialize_grads(false);
+    // memory_saving keeps the output instead of the input (the point of it).
+    ctx->save_for_backward({memory_saving ? out : input, value(weight), value(bias),
+                            value(residual), save_mean, save_invstd});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["activation"] = std::string(activation.data(), activation.size());
+    ctx->saved_data["negative_slope"] = negative_slope;
+    ctx->saved_data["memory_saving"] = memory_saving;
+    return {out, save_mean, save_invstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list none(12);
+    const Tensor& grad_output = grads[0];
+    if (!grad_output.defined()) {
+      return none;
+    }
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor& s = saved[0];
+    const Tensor& weight = saved[1];
+    const Tensor& bias = saved[2];
+    const Tensor& residual = saved[3];
+    // needs_input_grad counts only the Tensor inputs that were given.
+    size_t index = 1;
+    const bool need_w = weight.defined() && ctx->needs_input_grad(index++);
+    const bool need_b = bias.defined() && ctx->needs_input_grad(index++);
+    const bool need_r = residual.defined() && ctx->needs_input_grad(index++);
+    const bool need_x = ctx->needs_input_grad(0);
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        !(at::GradMode::is_enabled() && (grad_output.requires_grad() || s.requires_grad())),
+        "bnext: double backward through the fused BatchNormAct ops is not implemented; use "
+        "bnext.BatchNorm*d followed by the activation");
+    if (s.sym_numel() == 0) {
+      auto [gi, gw, gb] = empty_input_grads(s, weight, bias, {need_x, need_w, need_b});
+      none[0] = value(gi);
+      none[1] = value(gw);
+      none[2] = value(gb);
+      none[3] = need_r ? at::zeros_like(residual) : Tensor();
+      return none;
+    }
+    using ActGrads = std::tuple<optional<Tensor>, optional<Tensor>, optional<Tensor>, optional<Tensor>>;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("bnext::batch_norm_act_backward", "")
+                         .typed<ActGrads(
+                             const Tensor&, const Tensor&, bool, const optional<Tensor>&,
+                             const optional<Tensor>&, const optional<Tensor>&,
+                             const optional<Tensor>&, const optional<Tensor>&,
+                             const optional<Tensor>&, const optional<Tensor>&, bool, double,
+                             c10::string_view, double, std::array<bool, 4>)>();
+    const std::string activation = ctx->saved_data["activation"].toStringRef();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [gi, gr, gw, gb] = op.call(
+        grad_output, s, ctx->saved_data["memory_saving"].toBool(), maybe(weight), maybe(bias),
+        maybe(residual), std::nullopt, std::nullopt, maybe(saved[4]), maybe(saved[5]),
+        /*train=*/true, ctx->saved_data["eps"].toDouble(), activation,
+        ctx->saved_data["negative_slope"].toDouble(), {need_x, need_r, need_w, need_b});
+    none[0] = value(gi);
+    none[1] = value(gw);
+    none[2] = cast_like(gb, bias);
+    none[3] = value(gr);
+    return none;
+  }
+};
+
+Step batch_norm_train_step_autograd(
+    const Tensor& input,
+    const optional<Tensor>& weight,
+    const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var,
+    const optional<Tensor>& num_batches_tracked,
+    optional<double> momentum,
+    double eps) {
+  const variable_list r = TrainStepFunction::apply(
+      input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
+  return {r[0], r[1], r[2]};
+}
+
+Step batch_norm_act_train_step_autograd(
+    const Tensor& input,
+    const optional<Tensor>& weight,
+    const optional<Tensor>& bias,
+    const optional<Tensor>& residual,
+    const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var,
+    const optional<Tensor>& num_batches_tracked,
+    optional<double> momentum,
+    double eps,
+    c10::string_view activation,
+    double negative_slope,
+    bool memory_saving) {
+  const variable_list r = ActTrainStepFunction::apply(
+      input, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum,
+      eps, activation, negative_slope, memory_saving);
+  return {r[0], r[1], r[2]};
+}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train_autograd(
     const Tensor& input,
@@ -176,8 +392,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train_autograd(
 
 Tensor batch_norm_eval_autograd(
     const Tensor& input,
-    const Tensor& running_mean,
-    const Tensor& running_var,
+    const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var,
     const optional<Tensor>& weight,
     const optional<Tensor>& bias,
     double eps) {
@@ -189,6 +405,8 @@ Tensor batch_norm_eval_autograd(
 TORCH_LIBRARY_IMPL(bnext, Autograd, m) {
   m.impl("batch_norm_train", &batch_norm_train_autograd);
   m.impl("batch_norm_eval", &batch_norm_eval_autograd);
+  m.impl("batch_norm_train_step", &batch_norm_train_step_autograd);
+  m.impl("batch_norm_act_train_step", &batch_norm_act_train_step_autograd);
 }
 
 }  // namespace bnext

@@ -1,6 +1,7 @@
 #include "checks.h"
 
 #include <ATen/ops/any.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/eq.h>
 #include <c10/util/Exception.h>
 
@@ -49,6 +50,60 @@ void check_per_channel(
 }
 
 }  // namespace
+
+void check_batch_norm_call(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked,
+    bool training,
+    double eps) {
+  if (input.numel() == 0) {
+    check_eps(eps, training);
+    return;
+  }
+  TORCH_CHECK_VALUE(
+      input.dim() >= 2, "bnext batch_norm: expected input of shape (N, C, *) "
+      "with at least 2 dimensions, got ", input.dim(), "D input");
+  const bool has_mean = running_mean.has_value() && running_mean->defined();
+  const bool has_var = running_var.has_value() && running_var->defined();
+  TORCH_CHECK_VALUE(
+      has_mean == has_var,
+      "running_mean and running_var must either both be None or neither be None");
+  if (training) {
+    int64_t size_prods = input.size(0);
+    for (int64_t d = 2; d < input.dim(); ++d) {
+      size_prods *= input.size(d);
+    }
+    TORCH_CHECK_VALUE(
+        size_prods != 1, "Expected more than 1 value per channel when training, got input size ",
+        input.sizes());
+  } else {
+    TORCH_CHECK(has_mean, "running_mean must be defined in evaluation mode");
+  }
+  check_eps(eps, training);
+  check_batch_norm_args(input, weight, bias, running_mean, running_var);
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+    TORCH_CHECK(
+        num_batches_tracked->numel() == 1 && num_batches_tracked->device() == input.device(),
+        "bnext batch_norm: num_batches_tracked must be a one-element tensor on the input's "
+        "device, got ", num_batches_tracked->sizes(), " on ", num_batches_tracked->device());
+  }
+}
+
+at::Tensor empty_batch_output(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias) {
+  for (const auto* t : {&weight, &bias}) {
+    TORCH_CHECK_INDEX(
+        !t->has_value() || !(*t)->defined() || (*t)->numel() > 0,
+        "select(): index 0 out of range for tensor of size [0] at dimension 0");
+  }
+  return at::empty(input.sizes(), input.options().memory_format(output_memory_format(input)));
+}
 
 void check_batch_norm_args(
     const at::Tensor& input,

@@ -18,6 +18,30 @@ void check_batch_norm_args(
     const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var);
 
+// torch.nn.functional.batch_norm's validation of a whole call, in torch's
+// order and with its error types: the one place a call is checked before
+// anything (num_batches_tracked, the running statistics) is mutated. An input
+// without elements gets torch's rule: only eps is checked (see
+// empty_batch_output). num_batches_tracked, when given, has one element.
+void check_batch_norm_call(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked,
+    bool training,
+    double eps);
+
+// torch's result for an input without elements (any rank, 1-D included):
+// an empty output of the input's shape, dtype and output memory format; a
+// given weight or bias must have an element 0 (torch reads weight[0] and
+// bias[0]: IndexError otherwise). No statistic is computed or updated.
+at::Tensor empty_batch_output(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias);
+
 // eps as torch's batch_norm accepts it: > 0 in training (the variance may
 // be 0), >= 0 with given statistics. ValueError otherwise.
 void check_eps(double eps, bool training);

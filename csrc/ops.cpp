@@ -20,10 +20,26 @@ TORCH_LIBRARY(bnext, m) {
       "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, float eps) "
       "-> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor unbiased_var)");
 
-  // Normalization with given running statistics (inference).
+  // Normalization with given running statistics (inference). The running
+  // statistics are optional in the schema so that their absence gets
+  // torch's error (RuntimeError) from the op's own validation.
   m.def(
-      "batch_norm_eval(Tensor input, Tensor running_mean, Tensor running_var, "
+      "batch_norm_eval(Tensor input, Tensor? running_mean, Tensor? running_var, "
       "Tensor? weight, Tensor? bias, float eps) -> Tensor");
+
+  // A whole training call as torch.nn.functional.batch_norm makes it, in one
+  // op: validation of every argument (check_batch_norm_call), then
+  // batch_norm_train, then num_batches_tracked += 1 and the running-stat
+  // update (update_running_stats' rule), in that order, so a rejected call
+  // mutates nothing. The modules' training forward is this one call. Its
+  // autograd kernel is C++ (csrc/autograd.cpp): torch.library refuses
+  // formulas for ops that mutate, and the mutation is of statistics that
+  // get no gradient.
+  m.def(
+      "batch_norm_train_step(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor(c!)? num_batches_tracked, float? momentum, float eps) "
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
 
   // running = (1 - f) * running + f * batch, with f = momentum, or
   // f = 1 / num_batches_tracked when momentum is None (cumulative average).
@@ -55,8 +71,15 @@ TORCH_LIBRARY(bnext, m) {
       "Tensor? residual, float eps, str activation, float negative_slope, "
       "bool memory_saving) "
       "-> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor unbiased_var)");
+  // batch_norm_train_step for the fused op.
   m.def(
-      "batch_norm_act_eval(Tensor input, Tensor running_mean, Tensor running_var, "
+      "batch_norm_act_train_step(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor? residual, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor(c!)? num_batches_tracked, float? momentum, float eps, str activation, "
+      "float negative_slope, bool memory_saving) "
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+  m.def(
+      "batch_norm_act_eval(Tensor input, Tensor? running_mean, Tensor? running_var, "
       "Tensor? weight, Tensor? bias, Tensor? residual, float eps, str activation, "
       "float negative_slope, bool memory_saving) -> Tensor");
 
@@ -71,6 +94,13 @@ TORCH_LIBRARY(bnext, m) {
       "Tensor? save_invstd, bool train, float eps, str activation, "
       "float negative_slope, bool[4] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?)");
+
+  // check_batch_norm_call alone, for the paths that compose several ops
+  // (under torch.func transforms): the same validation, before any of them.
+  m.def(
+      "check_batch_norm_call(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor? running_mean, Tensor? running_var, Tensor? num_batches_tracked, "
+      "bool training, float eps) -> ()");
 
   // ---- Phases of a training step, for statistics that span processes
   // (SyncBatchNorm), after apex's welford.cu and torch's batch_norm_stats /

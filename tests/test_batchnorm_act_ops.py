@@ -183,7 +183,7 @@ def test_export(training):
     x, r, _, _ = _args("contiguous", requires_grad=False)
     ep = torch.export.export(twin, (x, r))
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-    assert ("bnext.batch_norm_act_train.default" if training else
+    assert ("bnext.batch_norm_act_train_step.default" if training else
             "bnext.batch_norm_act_eval.default") in targets
     exported = ep.module()
     for _ in range(2):

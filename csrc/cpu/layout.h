@@ -40,7 +40,8 @@ inline int64_t reduce_block_rows(int64_t C, int64_t elem_bytes) {
         kManyChannelsBlockBytes / (C * elem_bytes), kManyChannelsRowBytes / elem_bytes,
         kManyChannelsMaxRows);
   }
-  return std::clamp<int64_t>(kRowChunkElems / C, kMinBlockRows, kMaxBlockRows);
+  // C == 0 (an input with no channels, hence no elements) must not divide.
+  return std::clamp<int64_t>(kRowChunkElems / std::max<int64_t>(C, 1), kMinBlockRows, kMaxBlockRows);
 }
 
 // Below this many elements per task, threads cost more than they save.

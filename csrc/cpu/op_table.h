@@ -19,7 +19,7 @@ namespace bnext::cpu {
 
 // Changed whenever the table's layout or an op's signature changes, so that
 // a level library from another build is refused instead of miscalled.
-constexpr int kOpTableVersion = 2;
+constexpr int kOpTableVersion = 3;
 
 using at::Tensor;
 using std::optional;
@@ -33,7 +33,8 @@ struct OpTable {
       const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
       double eps);
   Tensor (*batch_norm_eval)(
-      const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
+      const Tensor& input, const optional<Tensor>& running_mean,
+      const optional<Tensor>& running_var,
       const optional<Tensor>& weight, const optional<Tensor>& bias, double eps);
   void (*update_running_stats)(
       Tensor& running_mean, Tensor& running_var, const Tensor& save_mean,
@@ -49,7 +50,8 @@ struct OpTable {
       const optional<Tensor>& residual, double eps, c10::string_view activation,
       double negative_slope, bool memory_saving);
   Tensor (*batch_norm_act_eval)(
-      const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
+      const Tensor& input, const optional<Tensor>& running_mean,
+      const optional<Tensor>& running_var,
       const optional<Tensor>& weight, const optional<Tensor>& bias,
       const optional<Tensor>& residual, double eps, c10::string_view activation,
       double negative_slope, bool memory_saving);

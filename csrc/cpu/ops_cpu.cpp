@@ -39,13 +39,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train(
 
 Tensor batch_norm_eval(
     const Tensor& input,
-    const Tensor& running_mean,
-    const Tensor& running_var,
+    const optional<Tensor>& running_mean_opt,
+    const optional<Tensor>& running_var_opt,
     const optional<Tensor>& weight,
     const optional<Tensor>& bias,
     double eps) {
-  check_batch_norm_args(input, weight, bias, running_mean, running_var);
-  check_eps(eps, /*training=*/false);
+  check_batch_norm_call(
+      input, weight, bias, running_mean_opt, running_var_opt, std::nullopt, false, eps);
+  if (input.numel() == 0) {
+    return empty_batch_output(input, weight, bias);
+  }
+  const Tensor& running_mean = *running_mean_opt;
+  const Tensor& running_var = *running_var_opt;
   const at::MemoryFormat fmt = output_memory_format(input);
   const Tensor x = input.contiguous(fmt);
   EvalScratch scratch;

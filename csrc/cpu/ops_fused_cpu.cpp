@@ -60,8 +60,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_train(
 
 Tensor batch_norm_act_eval(
     const Tensor& input,
-    const Tensor& running_mean,
-    const Tensor& running_var,
+    const optional<Tensor>& running_mean_opt,
+    const optional<Tensor>& running_var_opt,
     const optional<Tensor>& weight,
     const optional<Tensor>& bias,
     const optional<Tensor>& residual,
@@ -69,9 +69,14 @@ Tensor batch_norm_act_eval(
     c10::string_view activation,
     double negative_slope,
     bool memory_saving) {
-  check_batch_norm_args(input, weight, bias, running_mean, running_var);
-  check_eps(eps, /*training=*/false);
+  check_batch_norm_call(
+      input, weight, bias, running_mean_opt, running_var_opt, std::nullopt, false, eps);
   check_residual(input, residual);
+  if (input.numel() == 0) {
+    return empty_batch_output(input, weight, bias);
+  }
+  const Tensor& running_mean = *running_mean_opt;
+  const Tensor& running_var = *running_var_opt;
   const ActSpec spec = act_spec(activation, negative_slope, memory_saving, weight);
   const at::MemoryFormat fmt = output_memory_format(input);
   const Tensor x = input.contiguous(fmt);

@@ -264,16 +264,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train(
 
 Tensor batch_norm_eval(
     const Tensor& input,
-    const Tensor& running_mean,
-    const Tensor& running_var,
+    const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var,
     const optional<Tensor>& weight,
     const optional<Tensor>& bias,
     double eps) {
-  check_batch_norm_args(input, weight, bias, running_mean, running_var);
-  check_eps(eps, /*training=*/false);
+  check_batch_norm_call(input, weight, bias, running_mean, running_var, std::nullopt, false, eps);
   const c10::DeviceGuard guard(input.device());
+  if (input.numel() == 0) {
+    return empty_batch_output(input, weight, bias);
+  }
   return eval_forward(
-      input, running_mean, running_var, weight, bias, std::nullopt, eps, Act::Identity, 0.0);
+      input, *running_mean, *running_var, weight, bias, std::nullopt, eps, Act::Identity, 0.0);
 }
 
 void update_running_stats(
@@ -365,8 +367,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_train(
 
 Tensor batch_norm_act_eval(
     const Tensor& input,
-    const Tensor& running_mean,
-    const Tensor& running_var,
+    const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var,
     const optional<Tensor>& weight,
     const optional<Tensor>& bias,
     const optional<Tensor>& residual,
@@ -374,8 +376,7 @@ Tensor batch_norm_act_eval(
     c10::string_view activation,
     double negative_slope,
     bool memory_saving) {
-  check_batch_norm_args(input, weight, bias, running_mean, running_var);
-  check_eps(eps, /*training=*/false);
+  check_batch_norm_call(input, weight, bias, running_mean, running_var, std::nullopt, false, eps);
   check_residual(input, residual);
   const Act act = act_of(activation);
   const c10::DeviceGuard guard(input.device());
@@ -384,8 +385,11 @@ Tensor batch_norm_act_eval(
   if (memory_saving) {
     check_memory_saving_cuda(activation, negative_slope);
   }
+  if (input.numel() == 0) {
+    return empty_batch_output(input, weight, bias);
+  }
   return eval_forward(
-      input, running_mean, running_var, weight, bias, residual, eps, act, negative_slope);
+      input, *running_mean, *running_var, weight, bias, residual, eps, act, negative_slope);
 }
 
 std::tuple<optional<Tensor>, optional<Tensor>, optional<Tensor>, optional<Tensor>>
