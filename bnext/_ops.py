@@ -74,18 +74,12 @@ def _same_device(input, **tensors):
                 f"{input.device} and {name} on {t.device}")
 
 
-def _step_stats(input):
-    C = input.shape[1] if input.dim() > 1 else 0
-    return (input.new_empty((C,), dtype=torch.float64),
-            input.new_empty((C,), dtype=acc_dtype(input.dtype)))
-
-
 @torch.library.register_fake("bnext::batch_norm_train_step")
 def _batch_norm_train_step_fake(input, weight, bias, running_mean, running_var,
                                 num_batches_tracked, momentum, eps):
     _same_device(input, weight=weight, bias=bias, running_mean=running_mean,
                  running_var=running_var)
-    return (_empty_like_output(input), *_step_stats(input))
+    return _empty_like_output(input)
 
 
 @torch.library.register_fake("bnext::batch_norm_act_train_step")
@@ -94,7 +88,7 @@ def _batch_norm_act_train_step_fake(input, weight, bias, residual, running_mean,
                                     negative_slope, memory_saving):
     _same_device(input, weight=weight, bias=bias, residual=residual, running_mean=running_mean,
                  running_var=running_var)
-    return (_empty_like_output(input), *_step_stats(input))
+    return _empty_like_output(input)
 
 
 @torch.library.register_fake("bnext::check_batch_norm_call")

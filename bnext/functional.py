@@ -97,7 +97,7 @@ def _batch_norm(
     if not training:
         return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
     return ops.batch_norm_train_step(input, weight, bias, running_mean, running_var,
-                                     num_batches_tracked, momentum, eps)[0]
+                                     num_batches_tracked, momentum, eps)
 
 
 def _composed_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
@@ -193,4 +193,4 @@ def _batch_norm_act(
     return ops.batch_norm_act_train_step(
         input, weight, bias, residual, running_mean, running_var, num_batches_tracked,
         momentum, eps, activation, negative_slope, memory_saving,
-    )[0]
+    )

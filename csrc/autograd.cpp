@@ -29,6 +29,8 @@
 #include <optional>
 #include <tuple>
 
+#include "train_step.h"
+
 namespace bnext {
 
 namespace {
@@ -98,7 +100,8 @@ Tensor cast_like(const optional<Tensor>& grad, const Tensor& param) {
 }
 
 // torch's error for differentiable running statistics (RuntimeError), checked
-// where torch checks it: when autograd would record the call.
+// where torch checks it: when autograd would record the call. Called before
+// Function::apply, which runs forward with grad mode off.
 void check_statistics_not_differentiable(
     const optional<Tensor>& running_mean,
     const optional<Tensor>& running_var,
@@ -177,7 +180,6 @@ class EvalFunction : public torch::autograd::Function<EvalFunction> {
                          .typed<Tensor(
                              const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
                              const optional<Tensor>&, const optional<Tensor>&, double)>();
-    check_statistics_not_differentiable(running_mean, running_var, "bnext::batch_norm_eval");
     at::AutoDispatchBelowADInplaceOrView guard;
     Tensor out = op.call(input, running_mean, running_var, weight, bias, eps);
     ctx->save_for_backward(
@@ -203,7 +205,6 @@ class EvalFunction : public torch::autograd::Function<EvalFunction> {
   }
 };
 
-using Step = std::tuple<Tensor, Tensor, Tensor>;
 
 class TrainStepFunction : public torch::autograd::Function<TrainStepFunction> {
  public:
@@ -217,21 +218,13 @@ class TrainStepFunction : public torch::autograd::Function<TrainStepFunction> {
       const optional<Tensor>& num_batches_tracked,
       optional<double> momentum,
       double eps) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("bnext::batch_norm_train_step", "")
-                         .typed<Step(
-                             const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
-                             const optional<Tensor>&, const optional<Tensor>&,
-                             const optional<Tensor>&, optional<double>, double)>();
-    check_statistics_not_differentiable(running_mean, running_var, "bnext::batch_norm_train_step");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, save_mean, save_invstd] = op.call(
+    auto [out, save_mean, save_invstd] = train_step(
         input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
-    ctx->mark_non_differentiable({save_mean, save_invstd});
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({input, value(weight), value(bias), save_mean, save_invstd});
     ctx->saved_data["eps"] = eps;
-    return {out, save_mean, save_invstd};
+    return {out};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -270,20 +263,10 @@ class ActTrainStepFunction : public torch::autograd::Function<ActTrainStepFuncti
       c10::string_view activation,
       double negative_slope,
       bool memory_saving) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("bnext::batch_norm_act_train_step", "")
-                         .typed<Step(
-                             const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
-                             const optional<Tensor>&, const optional<Tensor>&,
-                             const optional<Tensor>&, const optional<Tensor>&,
-                             optional<double>, double, c10::string_view, double, bool)>();
-    check_statistics_not_differentiable(
-        running_mean, running_var, "bnext::batch_norm_act_train_step");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, save_mean, save_invstd] = op.call(
+    auto [out, save_mean, save_invstd] = act_train_step(
         input, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum,
         eps, activation, negative_slope, memory_saving);
-    ctx->mark_non_differentiable({save_mean, save_invstd});
     ctx->set_materialize_grads(false);
     // memory_saving keeps the output instead of the input (the point of it).
     ctx->save_for_backward({memory_saving ? out : input, value(weight), value(bias),
@@ -292,7 +275,7 @@ class ActTrainStepFunction : public torch::autograd::Function<ActTrainStepFuncti
     ctx->saved_data["activation"] = std::string(activation.data(), activation.size());
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["memory_saving"] = memory_saving;
-    return {out, save_mean, save_invstd};
+    return {out};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -348,7 +331,7 @@ class ActTrainStepFunction : public torch::autograd::Function<ActTrainStepFuncti
   }
 };
 
-Step batch_norm_train_step_autograd(
+Tensor batch_norm_train_step_autograd(
     const Tensor& input,
     const optional<Tensor>& weight,
     const optional<Tensor>& bias,
@@ -357,12 +340,12 @@ Step batch_norm_train_step_autograd(
     const optional<Tensor>& num_batches_tracked,
     optional<double> momentum,
     double eps) {
-  const variable_list r = TrainStepFunction::apply(
-      input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
-  return {r[0], r[1], r[2]};
+  check_statistics_not_differentiable(running_mean, running_var, "bnext::batch_norm_train_step");
+  return TrainStepFunction::apply(
+      input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)[0];
 }
 
-Step batch_norm_act_train_step_autograd(
+Tensor batch_norm_act_train_step_autograd(
     const Tensor& input,
     const optional<Tensor>& weight,
     const optional<Tensor>& bias,
@@ -375,10 +358,11 @@ Step batch_norm_act_train_step_autograd(
     c10::string_view activation,
     double negative_slope,
     bool memory_saving) {
-  const variable_list r = ActTrainStepFunction::apply(
+  check_statistics_not_differentiable(
+      running_mean, running_var, "bnext::batch_norm_act_train_step");
+  return ActTrainStepFunction::apply(
       input, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum,
-      eps, activation, negative_slope, memory_saving);
-  return {r[0], r[1], r[2]};
+      eps, activation, negative_slope, memory_saving)[0];
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train_autograd(
@@ -397,6 +381,7 @@ Tensor batch_norm_eval_autograd(
     const optional<Tensor>& weight,
     const optional<Tensor>& bias,
     double eps) {
+  check_statistics_not_differentiable(running_mean, running_var, "bnext::batch_norm_eval");
   return EvalFunction::apply(input, running_mean, running_var, weight, bias, eps);
 }
 

@@ -19,10 +19,11 @@ void check_per_channel(
   if (!t.has_value() || !t->defined()) {
     return;
   }
-  const int64_t channels = input.size(1);
+  // Symbolic sizes (torch.compile with dynamic shapes) are compared as such.
+  const c10::SymInt channels = input.sym_size(1);
   TORCH_CHECK(
-      t->numel() == channels, name, " should contain ", channels,
-      " elements not ", t->numel());
+      t->sym_numel() == channels, name, " should contain ", channels,
+      " elements not ", t->sym_numel());
   TORCH_CHECK(
       t->device() == input.device(),
       "Expected all tensors to be on the same device, but found input on ",
@@ -60,7 +61,7 @@ void check_batch_norm_call(
     const std::optional<at::Tensor>& num_batches_tracked,
     bool training,
     double eps) {
-  if (input.numel() == 0) {
+  if (input.sym_numel() == 0) {
     check_eps(eps, training);
     return;
   }
@@ -73,13 +74,13 @@ void check_batch_norm_call(
       has_mean == has_var,
       "running_mean and running_var must either both be None or neither be None");
   if (training) {
-    int64_t size_prods = input.size(0);
+    c10::SymInt size_prods = input.sym_size(0);
     for (int64_t d = 2; d < input.dim(); ++d) {
-      size_prods *= input.size(d);
+      size_prods *= input.sym_size(d);
     }
     TORCH_CHECK_VALUE(
         size_prods != 1, "Expected more than 1 value per channel when training, got input size ",
-        input.sizes());
+        input.sym_sizes());
   } else {
     TORCH_CHECK(has_mean, "running_mean must be defined in evaluation mode");
   }
@@ -87,9 +88,9 @@ void check_batch_norm_call(
   check_batch_norm_args(input, weight, bias, running_mean, running_var);
   if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
     TORCH_CHECK(
-        num_batches_tracked->numel() == 1 && num_batches_tracked->device() == input.device(),
+        num_batches_tracked->sym_numel() == 1 && num_batches_tracked->device() == input.device(),
         "bnext batch_norm: num_batches_tracked must be a one-element tensor on the input's "
-        "device, got ", num_batches_tracked->sizes(), " on ", num_batches_tracked->device());
+        "device, got ", num_batches_tracked->sym_sizes(), " on ", num_batches_tracked->device());
   }
 }
 
@@ -99,10 +100,11 @@ at::Tensor empty_batch_output(
     const std::optional<at::Tensor>& bias) {
   for (const auto* t : {&weight, &bias}) {
     TORCH_CHECK_INDEX(
-        !t->has_value() || !(*t)->defined() || (*t)->numel() > 0,
+        !t->has_value() || !(*t)->defined() || (*t)->sym_numel() > 0,
         "select(): index 0 out of range for tensor of size [0] at dimension 0");
   }
-  return at::empty(input.sizes(), input.options().memory_format(output_memory_format(input)));
+  return at::empty_symint(
+      input.sym_sizes(), input.options().memory_format(output_memory_format(input)));
 }
 
 void check_batch_norm_args(
@@ -228,8 +230,8 @@ void check_residual(const at::Tensor& input, const std::optional<at::Tensor>& re
     return;
   }
   TORCH_CHECK(
-      residual->sizes() == input.sizes(), "bnext: residual has size ",
-      residual->sizes(), " but input has size ", input.sizes());
+      residual->sym_sizes() == input.sym_sizes(), "bnext: residual has size ",
+      residual->sym_sizes(), " but input has size ", input.sym_sizes());
   TORCH_CHECK(
       residual->scalar_type() == input.scalar_type(), "bnext: residual dtype ",
       residual->scalar_type(), " does not match input dtype ", input.scalar_type());

@@ -34,12 +34,13 @@ TORCH_LIBRARY(bnext, m) {
   // mutates nothing. The modules' training forward is this one call. Its
   // autograd kernel is C++ (csrc/autograd.cpp): torch.library refuses
   // formulas for ops that mutate, and the mutation is of statistics that
-  // get no gradient.
+  // get no gradient. Only the output is returned: every returned tensor
+  // becomes a Python object per call, and the statistics the backward needs
+  // stay inside the autograd node.
   m.def(
       "batch_norm_train_step(Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-      "Tensor(c!)? num_batches_tracked, float? momentum, float eps) "
-      "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+      "Tensor(c!)? num_batches_tracked, float? momentum, float eps) -> Tensor");
 
   // running = (1 - f) * running + f * batch, with f = momentum, or
   // f = 1 / num_batches_tracked when momentum is None (cumulative average).
@@ -76,8 +77,7 @@ TORCH_LIBRARY(bnext, m) {
       "batch_norm_act_train_step(Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor? residual, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor(c!)? num_batches_tracked, float? momentum, float eps, str activation, "
-      "float negative_slope, bool memory_saving) "
-      "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+      "float negative_slope, bool memory_saving) -> Tensor");
   m.def(
       "batch_norm_act_eval(Tensor input, Tensor? running_mean, Tensor? running_var, "
       "Tensor? weight, Tensor? bias, Tensor? residual, float eps, str activation, "

@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "train_step.h"
 
 namespace bnext {
 
@@ -71,15 +72,18 @@ Step empty_step(
     const optional<Tensor>& num_batches_tracked,
     optional<double> momentum) {
   Tensor out = empty_batch_output(input, weight, bias);
-  const int64_t C = input.dim() > 1 ? input.size(1) : 0;
-  Tensor save_mean = at::zeros({C}, input.options().dtype(at::kDouble));
-  Tensor save_invstd = at::zeros({C}, input.options().dtype(acc_dtype(input.scalar_type())));
+  const c10::SymInt C = input.dim() > 1 ? input.sym_size(1) : c10::SymInt(0);
+  Tensor save_mean = at::zeros_symint({C}, input.options().dtype(at::kDouble));
+  Tensor save_invstd =
+      at::zeros_symint({C}, input.options().dtype(acc_dtype(input.scalar_type())));
   finish_step(running_mean, running_var, num_batches_tracked, save_mean, save_invstd, momentum,
               /*has_statistics=*/false);
   return {out, save_mean, save_invstd};
 }
 
-Step batch_norm_train_step(
+}  // namespace
+
+Step train_step(
     const Tensor& input,
     const optional<Tensor>& weight,
     const optional<Tensor>& bias,
@@ -90,7 +94,7 @@ Step batch_norm_train_step(
     double eps) {
   check_batch_norm_call(
       input, weight, bias, running_mean, running_var, num_batches_tracked, true, eps);
-  if (input.numel() == 0) {
+  if (input.sym_numel() == 0) {
     return empty_step(input, weight, bias, running_mean, running_var, num_batches_tracked,
                       momentum);
   }
@@ -105,7 +109,7 @@ Step batch_norm_train_step(
   return {out, save_mean, save_invstd};
 }
 
-Step batch_norm_act_train_step(
+Step act_train_step(
     const Tensor& input,
     const optional<Tensor>& weight,
     const optional<Tensor>& bias,
@@ -121,7 +125,7 @@ Step batch_norm_act_train_step(
   check_batch_norm_call(
       input, weight, bias, running_mean, running_var, num_batches_tracked, true, eps);
   check_residual(input, residual);
-  if (input.numel() == 0) {
+  if (input.sym_numel() == 0) {
     return empty_step(input, weight, bias, running_mean, running_var, num_batches_tracked,
                       momentum);
   }
@@ -137,6 +141,39 @@ Step batch_norm_act_train_step(
   finish_step(running_mean, running_var, num_batches_tracked, save_mean, unbiased_var, momentum,
               /*has_statistics=*/true);
   return {out, save_mean, save_invstd};
+}
+
+namespace {
+
+Tensor batch_norm_train_step(
+    const Tensor& input,
+    const optional<Tensor>& weight,
+    const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var,
+    const optional<Tensor>& num_batches_tracked,
+    optional<double> momentum,
+    double eps) {
+  return std::get<0>(train_step(
+      input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps));
+}
+
+Tensor batch_norm_act_train_step(
+    const Tensor& input,
+    const optional<Tensor>& weight,
+    const optional<Tensor>& bias,
+    const optional<Tensor>& residual,
+    const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var,
+    const optional<Tensor>& num_batches_tracked,
+    optional<double> momentum,
+    double eps,
+    c10::string_view activation,
+    double negative_slope,
+    bool memory_saving) {
+  return std::get<0>(act_train_step(
+      input, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum,
+      eps, activation, negative_slope, memory_saving));
 }
 
 void check_batch_norm_call_op(
