@@ -1,5 +1,8 @@
 #include "channel_math.h"
 
+#include <ATen/ops/from_blob.h>
+#include <cstdint>
+
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -119,6 +122,21 @@ class ChannelValues {
 
 }  // namespace
 
+ChannelScratch::ChannelScratch(int64_t channels, int slots, const at::TensorOptions& options)
+    : channels_(channels),
+      // 64-byte aligned slots, each wide enough for C doubles.
+      slot_bytes_((channels * static_cast<int64_t>(sizeof(double)) + 63) / 64 * 64),
+      slots_(slots),
+      buffer_(at::empty({slots * slot_bytes_ + 64}, options.dtype(at::kByte))) {}
+
+at::Tensor ChannelScratch::take(at::ScalarType dtype) {
+  TORCH_INTERNAL_ASSERT(used_ < slots_, "bnext: ChannelScratch has no slot left");
+  auto base = reinterpret_cast<std::uintptr_t>(buffer_.mutable_data_ptr());
+  base = (base + 63) / 64 * 64;
+  void* p = reinterpret_cast<void*>(base + static_cast<std::uintptr_t>(used_++ * slot_bytes_));
+  return at::from_blob(p, {channels_}, buffer_.options().dtype(dtype));
+}
+
 BackwardCoeffs backward_coeffs(
     const at::Tensor& mean,
     const at::Tensor& reduce_mean,
@@ -130,7 +148,8 @@ BackwardCoeffs backward_coeffs(
     int64_t n,
     bool train,
     at::ScalarType coeff_dtype,
-    at::ScalarType grad_dtype) {
+    at::ScalarType grad_dtype,
+    ChannelScratch* scratch) {
   const int64_t C = mean.numel();
   const bool have_sums = sum_dy.defined();
   // Gradients are written in their dtype when it is float32 or float64;
@@ -139,8 +158,8 @@ BackwardCoeffs backward_coeffs(
   const at::ScalarType grad_store = grad_direct ? grad_dtype : at::kDouble;
   const auto c_opts = mean.options().dtype(coeff_dtype);
   const auto g_opts = mean.options().dtype(grad_store);
-  BackwardCoeffs out{at::empty({C}, c_opts), at::empty({C}, c_opts), at::empty({C}, c_opts),
-                     at::empty({have_sums ? C : 0}, g_opts),
+  auto coeff = [&] { return scratch != nullptr ? scratch->take(coeff_dtype) : at::empty({C}, c_opts); };
+  BackwardCoeffs out{coeff(), coeff(), coeff(), at::empty({have_sums ? C : 0}, g_opts),
                      at::empty({have_sums ? C : 0}, g_opts)};
   // Everything per channel in double; the centres' offsets from the exact
   // mean are folded into the constant terms.

@@ -31,6 +31,23 @@ at::Tensor invstd_from_var(const at::Tensor& var, double eps);
 // var * n / (n - 1): Bessel's correction for the running variance.
 at::Tensor unbiased_from_biased(const at::Tensor& var, int64_t n);
 
+// Several (C,) temporaries carved from one allocation: at a few channels,
+// each at::empty is a dispatched call and a malloc, which a small call
+// notices. The tensors share the scratch's memory and must not outlive it.
+class ChannelScratch {
+ public:
+  ChannelScratch(int64_t channels, int slots, const at::TensorOptions& options);
+  // The next slot, as a (C,) tensor of `dtype` (float32 or float64).
+  at::Tensor take(at::ScalarType dtype);
+
+ private:
+  int64_t channels_;
+  int64_t slot_bytes_;
+  int slots_;
+  int used_ = 0;
+  at::Tensor buffer_;
+};
+
 // Coefficients of out = (x - mean_hi) * alpha + beta, all (C,) in `acc`,
 // equal to (x - mean) * invstd * w + b for the float64 `mean`.
 struct NormalizeCoeffs {
@@ -65,6 +82,8 @@ struct BackwardCoeffs {
   at::Tensor grad_weight;    // (C,) grad_dtype: sum dy * (x - mean) * invstd
   at::Tensor grad_bias;      // (C,) grad_dtype: sum dy
 };
+// a, bx and k come from `scratch` when it is given (then they live as long
+// as it does), else from their own allocations.
 BackwardCoeffs backward_coeffs(
     const at::Tensor& mean,         // float64
     const at::Tensor& reduce_mean,  // centre of sum_dy_xmu (float32/64)
@@ -76,7 +95,8 @@ BackwardCoeffs backward_coeffs(
     int64_t n,
     bool train,
     at::ScalarType coeff_dtype,
-    at::ScalarType grad_dtype);
+    at::ScalarType grad_dtype,
+    ChannelScratch* scratch = nullptr);
 
 // One channel of backward_coeffs, in double (also used by the resident
 // backward walks, channel by channel): grad_input = dy * a +

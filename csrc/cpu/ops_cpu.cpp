@@ -115,7 +115,17 @@ batch_norm_backward(
   const auto [mean, invstd] = backward_statistics(
       input, train, running_mean, running_var, save_mean, save_invstd, eps,
       "batch_norm_backward");
-  const Tensor mean_hi = mean.to(acc);
+  // mean_hi, the two sums and the three grad_input coefficients.
+  ChannelScratch scratch(C, 6, x.options());
+  Tensor mean_hi = mean;
+  if (acc != at::kDouble) {
+    mean_hi = scratch.take(acc);  // float32: the mean rounded once
+    const double* m = mean.const_data_ptr<double>();
+    float* h = mean_hi.mutable_data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) {
+      h[c] = static_cast<float>(m[c]);
+    }
+  }
   const bool has_weight = weight.has_value() && weight->defined();
   const at::ScalarType param_dtype = has_weight ? weight->scalar_type() : acc;
 
@@ -125,9 +135,8 @@ batch_norm_backward(
   Tensor sum_dy, sum_dy_xmu;
   bool dx_done = false;
   if (need_sums) {
-    const auto opts = x.options().dtype(at::kDouble);
-    sum_dy = at::empty({C}, opts);
-    sum_dy_xmu = at::empty({C}, opts);
+    sum_dy = scratch.take(at::kDouble);
+    sum_dy_xmu = scratch.take(at::kDouble);
     dx_done = train && output_mask[0] &&
         backward_resident(dy, x, mean, mean_hi, invstd, w, sum_dy, sum_dy_xmu, dx);
     if (!dx_done) {
@@ -141,7 +150,7 @@ batch_norm_backward(
   const Tensor kernel_mean = exact_f32 ? mean : mean_hi;
   const BackwardCoeffs k = backward_coeffs(
       mean, mean_hi, kernel_mean, invstd, w, sum_dy, sum_dy_xmu, n, train,
-      exact_f32 ? at::kDouble : acc, param_dtype);
+      exact_f32 ? at::kDouble : acc, param_dtype, &scratch);
 
   optional<Tensor> grad_input, grad_weight, grad_bias;
   if (output_mask[0]) {
