@@ -286,18 +286,59 @@ void check_moments(const at::Tensor& moments) {
       "got ", moments.sizes(), " ", moments.scalar_type());
 }
 
-void check_given_statistics(
-    const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd) {
+void check_elemt_args(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const std::optional<at::Tensor>& residual) {
+  check_batch_norm_args(input, weight, bias, std::nullopt, std::nullopt);
   const int64_t C = input.size(1);
   check_channel_tensor(input, mean, C, "mean");
   check_channel_tensor(input, invstd, C, "invstd");
+  check_residual(input, residual);
 }
 
-void check_backward_sums(
-    const at::Tensor& input, const at::Tensor& sums, const at::Tensor& count) {
+void check_backward_reduce_args(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const std::optional<at::Tensor>& residual,
+    bool want_grad_residual) {
+  check_elemt_args(input, weight, bias, mean, invstd, residual);
+  check_grad_output(grad_output, input);
+  TORCH_CHECK(
+      (residual.has_value() && residual->defined()) || !want_grad_residual,
+      "batch_norm_backward_reduce: grad_residual requested without a residual");
+}
+
+void check_backward_elemt_args(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& grad_residual,
+    const at::Tensor& sums,
+    const at::Tensor& count) {
+  check_elemt_args(input, weight, bias, mean, invstd, residual);
+  check_grad_output(grad_output, input);
   const int64_t C = input.size(1);
   check_channel_tensor(input, sums, 2 * C, "sums");
   check_channel_tensor(input, count, C, "count");
+  const bool has_residual = residual.has_value() && residual->defined();
+  const bool has_g = grad_residual.has_value() && grad_residual->defined();
+  TORCH_CHECK(
+      !has_residual || (has_g && grad_residual->sizes() == input.sizes() &&
+                        grad_residual->scalar_type() == input.scalar_type()),
+      "batch_norm_backward_elemt: with a residual, grad_residual (g from "
+      "batch_norm_backward_reduce) must be given, with the input's size and dtype");
 }
 
 }  // namespace bnext

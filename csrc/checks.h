@@ -97,14 +97,38 @@ void check_memory_saving(
 // rows (RuntimeError otherwise).
 void check_moments(const at::Tensor& moments);
 
-// Phase ops: given statistics, mean and invstd with C elements each, on the
-// input's device, floating (RuntimeError).
-void check_given_statistics(
-    const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd);
-
-// batch_norm_backward_elemt: sums (2, C) and count (C,), floating, on the
-// input's device (RuntimeError).
-void check_backward_sums(
-    const at::Tensor& input, const at::Tensor& sums, const at::Tensor& count);
+// The phase ops' arguments, for every backend: those of the single-device
+// ops (input, parameters, residual, grad_output), given mean and invstd with
+// C elements on the input's device, floating (RuntimeError).
+void check_elemt_args(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const std::optional<at::Tensor>& residual);
+// And grad_residual only with a residual.
+void check_backward_reduce_args(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const std::optional<at::Tensor>& residual,
+    bool want_grad_residual);
+// And sums (2, C) and count (C,); with a residual, grad_residual (the first
+// pass's g) of the input's size and dtype.
+void check_backward_elemt_args(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& grad_residual,
+    const at::Tensor& sums,
+    const at::Tensor& count);
 
 }  // namespace bnext

@@ -105,9 +105,7 @@ Tensor batch_norm_elemt(
     const optional<Tensor>& residual,
     c10::string_view activation,
     double negative_slope) {
-  check_batch_norm_args(input, weight, bias, std::nullopt, std::nullopt);
-  check_given_statistics(input, mean, invstd);
-  check_residual(input, residual);
+  check_elemt_args(input, weight, bias, mean, invstd, residual);
   const ActSpec spec = spec_of(activation, negative_slope);
   const int64_t C = input.size(1);
   const at::ScalarType acc = acc_dtype(input.scalar_type());
@@ -133,13 +131,8 @@ batch_norm_backward_reduce(
     c10::string_view activation,
     double negative_slope,
     std::array<bool, 3> output_mask) {
-  check_batch_norm_args(input, weight, bias, std::nullopt, std::nullopt);
-  check_given_statistics(input, mean, invstd);
-  check_residual(input, residual);
-  check_grad_output(grad_output, input);
-  TORCH_CHECK(
-      has(residual) || !output_mask[2],
-      "batch_norm_backward_reduce: grad_residual requested without a residual");
+  check_backward_reduce_args(
+      grad_output, input, weight, bias, mean, invstd, residual, output_mask[2]);
   const ActSpec spec = spec_of(activation, negative_slope);
   const int64_t C = input.size(1);
   const at::ScalarType acc = acc_dtype(input.scalar_type());
@@ -203,16 +196,8 @@ Tensor batch_norm_backward_elemt(
     const Tensor& count,
     c10::string_view activation,
     double negative_slope) {
-  check_batch_norm_args(input, weight, bias, std::nullopt, std::nullopt);
-  check_given_statistics(input, mean, invstd);
-  check_residual(input, residual);
-  check_grad_output(grad_output, input);
-  check_backward_sums(input, sums, count);
-  TORCH_CHECK(
-      !has(residual) || (has(grad_residual) && grad_residual->sizes() == input.sizes() &&
-                         grad_residual->scalar_type() == input.scalar_type()),
-      "batch_norm_backward_elemt: with a residual, grad_residual (g from "
-      "batch_norm_backward_reduce) must be given, with the input's size and dtype");
+  check_backward_elemt_args(
+      grad_output, input, weight, bias, mean, invstd, residual, grad_residual, sums, count);
   const ActSpec spec = spec_of(activation, negative_slope);
   const int64_t C = input.size(1);
   const at::ScalarType acc = acc_dtype(input.scalar_type());
