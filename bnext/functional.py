@@ -60,8 +60,12 @@ def batch_norm(
         ValueError: input with fewer than 2 dims; a training batch with one
             value per channel; a bad ``eps``; only one of the running stats.
         RuntimeError: a per-channel tensor whose size is not C, on another
-            device, or of an unsupported dtype; eval without running stats.
+            device, or of an unsupported dtype; eval without running stats;
+            running stats that require grad while autograd records the call.
         NotImplementedError: a non-floating input dtype.
+        IndexError: an input without elements with a weight or bias without
+            elements (torch's rule for such inputs: only ``eps`` is checked,
+            the output is empty and no statistic changes).
 
     Statistics are accumulated in float32 (float64 for float64 input) with a
     shifted, chunked Welford/Chan scheme. Errors are raised before any buffer
