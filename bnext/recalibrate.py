@@ -10,7 +10,8 @@ import itertools
 import torch
 import torch.distributed as dist
 
-from ._moments import local_moments, merge
+from ._moments import merge
+from ._ops import ops
 from .frozen import _FrozenBatchNorm
 
 __all__ = ["recalibrate_batchnorm"]
@@ -125,7 +126,7 @@ def _calibrate(model, bn, stop_early, batches, group):
     per_batch = []
 
     def collect(module, args):
-        per_batch.append(local_moments(args[0]).to(bn.running_mean.device))
+        per_batch.append(ops.batch_norm_moments(args[0]).to(bn.running_mean.device))
         if stop_early:
             raise _Stop
 
