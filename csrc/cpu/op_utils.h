@@ -10,6 +10,16 @@
 
 namespace bnext::cpu {
 
+// An optional tensor that is given (and defined).
+inline bool has(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
+// A fused op's optional input (residual, g) dense in `fmt`, or undefined.
+inline at::Tensor dense_or_undefined(const std::optional<at::Tensor>& t, at::MemoryFormat fmt) {
+  return has(t) ? t->contiguous(fmt) : at::Tensor();
+}
+
 // Elements per channel: N * prod(spatial).
 inline int64_t per_channel_count(const at::Tensor& input) {
   return input.size(1) == 0 ? 0 : input.numel() / input.size(1);

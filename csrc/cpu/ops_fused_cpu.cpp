@@ -17,10 +17,6 @@ namespace {
 using at::Tensor;
 using std::optional;
 
-bool has(const optional<Tensor>& t) {
-  return t.has_value() && t->defined();
-}
-
 ActSpec act_spec(
     c10::string_view activation,
     double negative_slope,
@@ -31,10 +27,6 @@ ActSpec act_spec(
     check_memory_saving(name, negative_slope, weight);
   }
   return ActSpec{parse_activation(name), negative_slope};
-}
-
-Tensor dense_or_undefined(const optional<Tensor>& t, at::MemoryFormat fmt) {
-  return has(t) ? t->contiguous(fmt) : Tensor();
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_train(

@@ -24,14 +24,6 @@ namespace {
 using at::Tensor;
 using std::optional;
 
-bool has(const optional<Tensor>& t) {
-  return t.has_value() && t->defined();
-}
-
-Tensor dense_or_undefined(const optional<Tensor>& t, at::MemoryFormat fmt) {
-  return has(t) ? t->contiguous(fmt) : Tensor();
-}
-
 ActSpec spec_of(c10::string_view activation, double negative_slope) {
   return ActSpec{parse_activation(std::string_view(activation.data(), activation.size())),
                  negative_slope};
@@ -210,39 +202,21 @@ Tensor batch_norm_backward_elemt(
   const Tensor is = channel_param(invstd, C, acc, 1.0);
   const Tensor w = channel_param(weight, C, acc, 1.0);
   const NormalizeCoeffs nk = normalize_coeffs(m, is, w, channel_param(bias, C, acc, 0.0), acc);
-  const Tensor s = sums.to(at::kDouble).contiguous();
+  // Every channel has the global count (the merge sums the ranks' counts).
   const Tensor n = count.to(at::kDouble).contiguous();
+  const int64_t total = C > 0 ? static_cast<int64_t>(n.const_data_ptr<double>()[0]) : 0;
+  const Tensor s = sums.to(at::kDouble).contiguous().view({2, C});
   // float32 through the plain kernel is evaluated in double around the
   // float64 mean (as batch_norm_backward does); the fused kernel works on
   // t = x - mean_hi with float64 coefficients.
   const bool plain_path = plain(spec, r);
   const bool exact_f32 = plain_path && input.scalar_type() == at::kFloat;
   const at::ScalarType coeff_dtype = plain_path && !exact_f32 ? acc : at::kDouble;
-  const auto c_opts = x.options().dtype(coeff_dtype);
-  Tensor A = at::empty({C}, c_opts), B = at::empty({C}, c_opts), K = at::empty({C}, c_opts);
-  AT_DISPATCH_FLOATING_TYPES(acc, "bnext_backward_elemt_coeffs", [&] {
-    using acc_t = scalar_t;
-    const double* pm = m.const_data_ptr<double>();
-    const acc_t* ph = nk.mean_hi.const_data_ptr<acc_t>();
-    const acc_t* pi = is.const_data_ptr<acc_t>();
-    const acc_t* pw = w.const_data_ptr<acc_t>();
-    const double* ps = s.const_data_ptr<double>();
-    const double* pn = n.const_data_ptr<double>();
-    AT_DISPATCH_FLOATING_TYPES(coeff_dtype, "bnext_backward_elemt_coeffs", [&] {
-      scalar_t* pa = A.mutable_data_ptr<scalar_t>();
-      scalar_t* pb = B.mutable_data_ptr<scalar_t>();
-      scalar_t* pk = K.mutable_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < C; ++c) {
-        const double centre = exact_f32 ? pm[c] : static_cast<double>(ph[c]);
-        const ChannelBackward cb = channel_backward(
-            pm[c], pm[c], centre, static_cast<double>(pi[c]), static_cast<double>(pw[c]),
-            ps[c], ps[C + c], 1.0 / pn[c], /*train=*/true);
-        pa[c] = static_cast<scalar_t>(cb.a);
-        pb[c] = static_cast<scalar_t>(cb.b);
-        pk[c] = static_cast<scalar_t>(cb.k);
-      }
-    });
-  });
+  // The sums are around the float64 mean: it is the reduce centre.
+  const BackwardCoeffs k = backward_coeffs(
+      m, m, exact_f32 ? m : nk.mean_hi, is, w, s[0], s[1], total, /*train=*/true, coeff_dtype,
+      at::kDouble);
+  const Tensor &A = k.a, &B = k.bx, &K = k.k;
   if (plain_path) {
     backward_elementwise(dy, x, exact_f32 ? m : nk.mean_hi, A, B, K, /*use_x=*/true, dx);
   } else {
