@@ -11,6 +11,7 @@ choice, never raise it. Every CPU op then calls through that level's table
 CPU instead of dying with SIGILL.
 """
 
+import contextlib
 import os
 
 import torch
@@ -70,6 +71,8 @@ def set_level(level):
     if LEVELS.index(level) > LEVELS.index(supported_level()):
         raise ValueError(f"the {level} CPU kernels cannot run here (at most {supported_level()})")
     _current = _C._load_cpu_kernels(_library(level))
+    for name, value in _forced.items():  # each level library keeps its own choices
+        _C._set_cpu_forced_choice(_CHOICES[name], _VALUES[value])
     return _current
 
 
@@ -95,3 +98,54 @@ def load_best():
             f"CPU runs at most {ceiling} (torch: {torch.backends.cpu.get_cpu_capability()}); "
             "rebuild bnext with the default BNEXT_CPU_LEVELS=all")
     return set_level(usable[-1])
+
+
+_CHOICES = {"streaming_stores": 0, "resident": 1}
+_VALUES = {None: -1, False: 0, True: 1}
+_forced = {}  # set in-process; applied again when another level is loaded
+
+
+def set_cpu_tuning(name, value):
+    """Forces one of the CPU kernels' memory-traffic choices in this process,
+    for tests and measurements; both are automatic by default.
+
+    Args:
+        name: ``"streaming_stores"`` (write the outputs of passes larger than
+            the usable last-level cache with non-temporal stores) or
+            ``"resident"`` (the NCHW training backward's walk over blocks of
+            channels kept in cache between its two passes).
+        value: ``True`` (wherever the layout allows it), ``False`` (never) or
+            ``None`` (automatic: by pass size and the usable cache).
+
+    Returns:
+        The previous setting (``True``, ``False`` or ``None``). The initial
+        one comes from ``BNEXT_STREAMING_STORES`` / ``BNEXT_RESIDENT``
+        (``0`` or ``1``) when set.
+
+    Raises:
+        ValueError: an unknown ``name``, or a ``value`` other than those three.
+    """
+    if name not in _CHOICES:
+        raise ValueError(f"set_cpu_tuning: name must be one of {', '.join(_CHOICES)}, got {name!r}")
+    if value not in (None, False, True) or (value is not None and not isinstance(value, bool)):
+        raise ValueError(f"set_cpu_tuning: value must be True, False or None, got {value!r}")
+    previous = _C._set_cpu_forced_choice(_CHOICES[name], _VALUES[value])
+    if value is None:
+        _forced.pop(name, None)
+    else:
+        _forced[name] = value
+    return {-1: None, 0: False, 1: True}[previous]
+
+
+@contextlib.contextmanager
+def cpu_tuning(**choices):
+    """``with bnext.cpu_tuning(resident=True, streaming_stores=False): ...``:
+    :func:`set_cpu_tuning` for each keyword, restored on exit."""
+    previous = {}
+    try:
+        for name, value in choices.items():
+            previous[name] = set_cpu_tuning(name, value)
+        yield
+    finally:
+        for name, value in previous.items():
+            set_cpu_tuning(name, value)

@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._autograd import eval_forward, train_forward
 from ._ops import ops
+from ._ops.batch_norm import eval_forward, train_forward
 
 __all__ = ["batch_norm", "batch_norm_act"]
 
@@ -107,7 +107,7 @@ def _batch_norm(
 def _composed_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                          eps, num_batches_tracked):
     # Under torch.func transforms: the functional ops with new-style
-    # autograd.Functions (see _autograd.py), validated first by the same C++
+    # autograd.Functions (see _ops/batch_norm.py), validated first by the same C++
     # checks as batch_norm_train_step.
     ops.check_batch_norm_call(input, weight, bias, running_mean, running_var,
                               num_batches_tracked, training, eps)

@@ -7,16 +7,13 @@
 namespace bnext {
 
 Act parse_activation(std::string_view name) {
-  if (name == "identity") return Act::Identity;
-  if (name == "relu") return Act::Relu;
-  if (name == "leaky_relu") return Act::LeakyRelu;
-  if (name == "elu") return Act::Elu;
-  if (name == "silu") return Act::Silu;
-  if (name == "gelu") return Act::Gelu;
-  if (name == "gelu_tanh") return Act::GeluTanh;
-  TORCH_CHECK_VALUE(
-      false, "bnext: unknown activation '", std::string(name),
-      "'; expected one of identity, relu, leaky_relu, elu, silu, gelu, gelu_tanh");
+  std::string expected;
+  for (size_t i = 0; i < std::size(kActivationNames); ++i) {
+    if (name == kActivationNames[i]) return static_cast<Act>(i);
+    expected += (i ? ", " : "") + std::string(kActivationNames[i]);
+  }
+  TORCH_CHECK_VALUE(false, "bnext: unknown activation '", std::string(name),
+                    "'; expected one of ", expected);
 }
 
 bool act_invertible(Act act, double negative_slope) {

@@ -1,12 +1,22 @@
-// The activations a fused BatchNormAct op can apply, by name, shared by the
-// CPU and CUDA backends (each has its own vectorised formulas).
+// The activations a fused BatchNormAct op can apply: the one table that the
+// schema's `activation` argument, the CPU and CUDA backends and Python
+// (bnext._C._activation_names) read. Adding one: an Act and its name here,
+// its formulas in cpu/activation.h and cuda/activation.cuh, and the torch
+// modules it replaces in bnext/_ops/activations.py (for the converter).
 #pragma once
+#include <iterator>
 #include <string_view>
 #include <type_traits>
 
 namespace bnext {
 
 enum class Act { Identity, Relu, LeakyRelu, Elu, Silu, Gelu, GeluTanh };
+
+// Indexed by Act.
+inline constexpr std::string_view kActivationNames[] = {
+    "identity", "relu", "leaky_relu", "elu", "silu", "gelu", "gelu_tanh"};
+static_assert(std::size(kActivationNames) == static_cast<size_t>(Act::GeluTanh) + 1,
+              "one name per Act");
 
 // Parses the schema's `activation` string; ValueError for an unknown name.
 Act parse_activation(std::string_view name);

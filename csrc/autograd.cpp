@@ -2,10 +2,8 @@
 // ops, for every backend.
 //
 // Why C++: a torch.library.register_autograd formula runs Python at every
-// call, measured ~25 us per training forward with grad (~9 us even without),
-// against ~2 us for the op itself; at ResNet-50's 7x7 layers that was 10-15%
-// of a training step's batch-norm time. These nodes do what the Python
-// formulas in bnext/_autograd.py did:
+// call, which costs many times the op itself on small layers. These nodes do what the Python
+// formulas in bnext/_ops/batch_norm.py did:
 //  - batch_norm_train: only `output` is differentiable; saves input, weight,
 //    bias, save_mean, save_invstd.
 //  - batch_norm_eval: the running statistics get no gradient (as torch).
@@ -17,7 +15,7 @@
 //    torch's batch norm, running statistics that require grad are refused.
 //  - inputs without elements: zero gradients (torch's, whose result for
 //    such inputs is input * weight[0] + bias[0]).
-// While a torch.func transform is active, bnext/_autograd.py routes calls
+// While a torch.func transform is active, bnext/_ops/batch_norm.py routes calls
 // through new-style Python autograd.Functions instead (tested there; these
 // nodes are not tested under transforms).
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -61,6 +61,17 @@ std::string load_cpu_op_table(const std::string& path) {
   return t->level;
 }
 
+int cpu_forced_choice(int which) {
+  TORCH_CHECK_VALUE(which == 0 || which == 1, "bnext: no CPU tuning choice ", which);
+  return table().forced_choice(which);
+}
+
+int set_cpu_forced_choice(int which, int value) {
+  const int previous = cpu_forced_choice(which);
+  table().set_forced_choice(which, value);
+  return previous;
+}
+
 bool cpu_has_avx512_bf16() {
 #if defined(__x86_64__) || defined(__i386__)
   // CPUID leaf 7, sub-leaf 1, EAX bit 5; the OS's AVX-512 state support is

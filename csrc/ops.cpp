@@ -1,6 +1,6 @@
 // The single place where bnext's operator schemas are declared.
 // Backends register kernels with TORCH_LIBRARY_IMPL(bnext, <Key>, m); Python
-// registers fake kernels and autograd formulas (bnext/_ops.py).
+// registers fake kernels and autograd formulas (bnext/_ops/, one module per op family).
 //
 // Why the training forward is split from the running-stat update:
 // torch.library.register_autograd refuses ops that mutate their inputs, so the

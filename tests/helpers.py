@@ -1,6 +1,7 @@
 """Shared helpers: reference comparisons against torch."""
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # (input dtype, parameter dtype): all-in-one-dtype and the mixed-precision case.
 DTYPES = [
@@ -55,3 +56,22 @@ def make_input(shape, layout, dtype, device):
         wide = list(shape[:-1]) + [shape[-1] * 2]
         return torch.randn(wide, device=device).to(dtype)[..., ::2]
     raise ValueError(layout)
+
+
+# aten ops whose presence would mean bnext fell back on torch's normalization.
+FORBIDDEN = ("batch_norm", "var", "mean", "std")
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def aten_base(name):
+    # "aten::native_batch_norm.out" -> "native_batch_norm"
+    return name.split("::")[-1].split(".")[0]

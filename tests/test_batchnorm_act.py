@@ -4,82 +4,10 @@ stats and num_batches_tracked over several steps, then eval."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import bnext
-from helpers import assert_close, make_input, reference_dtype
-
-ACTS = {
-    "identity": lambda z, s: z,
-    "relu": lambda z, s: F.relu(z),
-    "leaky_relu": lambda z, s: F.leaky_relu(z, s),
-    "elu": lambda z, s: F.elu(z),
-    "silu": lambda z, s: F.silu(z),
-    "gelu": lambda z, s: F.gelu(z),
-    "gelu_tanh": lambda z, s: F.gelu(z, approximate="tanh"),
-}
-INVERTIBLE = ("identity", "leaky_relu", "elu")
-CLASSES = {2: bnext.BatchNormAct1d, 3: bnext.BatchNormAct1d, 4: bnext.BatchNormAct2d,
-           5: bnext.BatchNormAct3d}
-TORCH = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
-         5: torch.nn.BatchNorm3d}
-
-
-def _pair(shape, activation, slope, memory_saving, dtype, pdtype, device, **kw):
-    dim = len(shape)
-    m = CLASSES[dim](shape[1], activation=activation, negative_slope=slope,
-                     memory_saving=memory_saving, device=device, dtype=pdtype, **kw)
-    ref = TORCH[dim](shape[1], device=device, dtype=reference_dtype(pdtype), **kw)
-    if m.weight is not None:
-        with torch.no_grad():
-            # Away from 0 so memory_saving can invert, and not all ones.
-            m.weight.copy_(torch.rand(shape[1]) + 0.5)
-            m.bias.copy_(torch.randn(shape[1]))
-            ref.weight.copy_(m.weight)
-            ref.bias.copy_(m.bias)
-    return m, ref
-
-
-def _compare_steps(m, ref, shape, layout, activation, slope, dtype, device, residual, steps=3):
-    rdtype = reference_dtype(dtype)
-    for step in range(steps + 1):
-        training = step < steps
-        m.train(training)
-        ref.train(training)
-        x = make_input(shape, layout, dtype, device).mul_(2).add_(0.5).requires_grad_()
-        r = make_input(shape, layout, dtype, device).requires_grad_() if residual else None
-        xr = x.detach().to(rdtype).requires_grad_()
-        rr = r.detach().to(rdtype).requires_grad_() if residual else None
-
-        y = m(x, r)
-        z = ref(xr)
-        yr = ACTS[activation](z + rr if residual else z, slope)
-        assert y.dtype == x.dtype and y.shape == x.shape
-        assert y.stride() == yr.stride() or dtype != rdtype
-        assert_close(y, yr)
-
-        dy = torch.randn_like(y)
-        y.backward(dy)
-        yr.backward(dy.to(rdtype))
-        assert_close(x.grad, xr.grad)
-        if residual:
-            assert_close(r.grad, rr.grad)
-        if m.weight is not None:
-            assert_close(m.weight.grad, ref.weight.grad)
-            assert_close(m.bias.grad, ref.bias.grad)
-            for p in (m.weight, m.bias, ref.weight, ref.bias):
-                p.grad = None
-        if m.running_mean is not None:
-            assert_close(m.running_mean, ref.running_mean)
-            assert_close(m.running_var, ref.running_var)
-            assert m.num_batches_tracked.item() == ref.num_batches_tracked.item()
-            if m.running_mean.dtype != ref.running_mean.dtype:
-                # A wider reference takes our rounded buffers, so each step
-                # checks one step's rounding instead of compounding it.
-                with torch.no_grad():
-                    ref.running_mean.copy_(m.running_mean)
-                    ref.running_var.copy_(m.running_var)
-
+from helpers import assert_close
+from references import ACTS, INVERTIBLE, act_pair, compare_act_steps
 
 CASES = [(a, ms) for a in ACTS for ms in ((False, True) if a in INVERTIBLE else (False,))]
 
@@ -92,8 +20,8 @@ CASES = [(a, ms) for a in ACTS for ms in ((False, True) if a in INVERTIBLE else 
 def test_matches_unfused_torch(activation, memory_saving, residual, layout, dtype, device):
     shape = (4, 6, 5, 7)
     slope = 0.2
-    m, ref = _pair(shape, activation, slope, memory_saving, dtype, dtype, device)
-    _compare_steps(m, ref, shape, layout, activation, slope, dtype, device, residual)
+    m, ref = act_pair(shape, activation, slope, memory_saving, dtype, dtype, device)
+    compare_act_steps(m, ref, shape, layout, activation, slope, dtype, device, residual)
 
 
 @pytest.mark.parametrize("shape", [(16, 6), (4, 6, 9), (2, 6, 3, 4, 5)], ids=["2d", "3d", "5d"])
@@ -102,8 +30,8 @@ def test_matches_unfused_torch(activation, memory_saving, residual, layout, dtyp
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_other_ranks(shape, activation, memory_saving, residual, device):
     layout = "channels_last" if len(shape) == 5 else "contiguous"
-    m, ref = _pair(shape, activation, 0.01, memory_saving, torch.float32, torch.float32, device)
-    _compare_steps(m, ref, shape, layout, activation, 0.01, torch.float32, device, residual)
+    m, ref = act_pair(shape, activation, 0.01, memory_saving, torch.float32, torch.float32, device)
+    compare_act_steps(m, ref, shape, layout, activation, 0.01, torch.float32, device, residual)
 
 
 @pytest.mark.parametrize("options", [
@@ -113,9 +41,9 @@ def test_other_ranks(shape, activation, memory_saving, residual, device):
 @pytest.mark.parametrize("memory_saving", [False, True])
 def test_options(options, memory_saving, device):
     shape = (4, 6, 5, 5)
-    m, ref = _pair(shape, "leaky_relu", 0.1, memory_saving, torch.float32, torch.float32,
+    m, ref = act_pair(shape, "leaky_relu", 0.1, memory_saving, torch.float32, torch.float32,
                    device, **options)
-    _compare_steps(m, ref, shape, "contiguous", "leaky_relu", 0.1, torch.float32, device, True)
+    compare_act_steps(m, ref, shape, "contiguous", "leaky_relu", 0.1, torch.float32, device, True)
 
 
 @pytest.mark.parametrize("activation", list(ACTS))
@@ -127,8 +55,8 @@ def test_reduced_precision(activation, dtypes, layout, device):
     """Half inputs against torch on the same values in float32, rounded."""
     dtype, pdtype = dtypes
     shape = (4, 6, 5, 7)
-    m, ref = _pair(shape, activation, 0.01, False, dtype, pdtype, device)
-    _compare_steps(m, ref, shape, layout, activation, 0.01, dtype, device, True)
+    m, ref = act_pair(shape, activation, 0.01, False, dtype, pdtype, device)
+    compare_act_steps(m, ref, shape, layout, activation, 0.01, dtype, device, True)
 
 
 @pytest.mark.parametrize("activation,memory_saving", CASES,
@@ -165,8 +93,8 @@ def test_double_backward_raises():
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_compile_fullgraph_equals_eager(memory_saving, residual):
     shape = (4, 6, 5, 5)
-    eager, _ = _pair(shape, "leaky_relu", 0.1, memory_saving, torch.float32, torch.float32, "cpu")
-    compiled_mod, _ = _pair(shape, "leaky_relu", 0.1, memory_saving, torch.float32, torch.float32, "cpu")
+    eager, _ = act_pair(shape, "leaky_relu", 0.1, memory_saving, torch.float32, torch.float32, "cpu")
+    compiled_mod, _ = act_pair(shape, "leaky_relu", 0.1, memory_saving, torch.float32, torch.float32, "cpu")
     compiled_mod.load_state_dict(eager.state_dict())
     compiled = torch.compile(compiled_mod, fullgraph=True)
     for step in range(4):

@@ -3,10 +3,9 @@ and bad input rejected before anything changes."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnext
-from test_own_kernels import FORBIDDEN, RecordOps, _aten_base
+from helpers import FORBIDDEN, RecordOps, aten_base
 
 ops = bnext.ops
 
@@ -97,7 +96,7 @@ def test_no_torch_batch_norm_ops(training, memory_saving):
     assert any("batch_norm_act_" in n for n in rec.names)
     assert any("batch_norm_act_backward" in n for n in rec.names)
     offenders = [n for n in rec.names if n.startswith("aten::")
-                 and any(f in _aten_base(n) for f in FORBIDDEN)]
+                 and any(f in aten_base(n) for f in FORBIDDEN)]
     assert not offenders, offenders
 
 

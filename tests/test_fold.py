@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 import bnext
-from bnext.fold import fold_into
+from bnext.tools.fold import fold_into
 
 LAYERS = [
     ("conv1d", lambda: nn.Conv1d(4, 6, 3), nn.BatchNorm1d, (3, 4, 9)),

@@ -1,5 +1,5 @@
 """The modules read weight, bias and buffers from the module's tables
-directly (bnext/_members.py); where a parameter is not in its table
+directly (bnext/nn/_members.py); where a parameter is not in its table
 the normal attribute lookup must still run. These cases move it out:
 a parametrization (the parameter becomes a property) and an instance
 attribute that a forward pre-hook sets, as torch's weight_norm does."""

@@ -3,28 +3,9 @@ never aten's batch_norm, var or mean."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnext
-from helpers import DTYPES, dtype_id
-
-FORBIDDEN = ("batch_norm", "var", "mean", "std")
-
-
-class RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.name())
-        return func(*args, **(kwargs or {}))
-
-
-def _aten_base(name):
-    # "aten::native_batch_norm.out" -> "native_batch_norm"
-    return name.split("::")[-1].split(".")[0]
-
+from helpers import DTYPES, FORBIDDEN, RecordOps, aten_base, dtype_id
 
 @pytest.mark.parametrize("dtypes", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -40,7 +21,7 @@ def test_no_torch_batch_norm_ops(dtypes, training, momentum, device):
     assert any("batch_norm_train" in n or "batch_norm_eval" in n for n in bnext_ops)
     assert any("batch_norm_backward" in n for n in bnext_ops)
     offenders = [n for n in rec.names if n.startswith("aten::")
-                 and any(f in _aten_base(n) for f in FORBIDDEN)]
+                 and any(f in aten_base(n) for f in FORBIDDEN)]
     assert not offenders, f"torch normalization ops dispatched: {offenders}"
 
 
@@ -49,4 +30,4 @@ def test_recorder_catches_torch_batch_norm():
     m = torch.nn.BatchNorm2d(3)
     with RecordOps() as rec:
         m(torch.randn(2, 3, 2, 2))
-    assert any("batch_norm" in _aten_base(n) for n in rec.names)
+    assert any("batch_norm" in aten_base(n) for n in rec.names)

@@ -144,7 +144,7 @@ def one_rank_group(tmp_path):
 @pytest.mark.parametrize("activation,with_residual",
                          [("identity", False), ("silu", True), ("elu", False)])
 def test_gradcheck_synced_composition(one_rank_group, activation, with_residual):
-    from bnext.sync import synced_batch_norm
+    from bnext.nn.sync import synced_batch_norm
 
     x = (torch.randn(4, 3, 2, 3, dtype=torch.float64) * 2 + 1).requires_grad_()
     w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()

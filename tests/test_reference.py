@@ -1,12 +1,12 @@
 """bnext modules against torch.nn.BatchNorm*: outputs, every gradient,
 running stats and num_batches_tracked over several train steps, then eval."""
 
-import copy
 import pytest
 import torch
 
 import bnext
 from helpers import DTYPES, assert_close, dtype_id, make_input, reference_dtype
+from references import CONFIGS, buffers_match, config_id, module_pair, step_and_compare
 
 # (bnext class, torch class, input shape, layout)
 CASES = [
@@ -21,79 +21,10 @@ CASES = [
     (bnext.BatchNorm3d, torch.nn.BatchNorm3d, (2, 6, 3, 4, 5), "channels_last"),
 ]
 
-# (affine, track_running_stats, momentum, bias)
-CONFIGS = [
-    (True, True, 0.1, True),
-    (True, True, None, True),
-    (False, True, 0.3, True),
-    (True, False, 0.1, True),
-    (True, True, 0.1, False),
-    (False, False, 0.1, True),
-]
-
 
 def case_id(case):
     cls, _, shape, layout = case
     return f"{cls.__name__}-{'x'.join(map(str, shape))}-{layout}"
-
-
-def config_id(cfg):
-    affine, track, momentum, bias = cfg
-    return f"affine{int(affine)}-track{int(track)}-mom{momentum}-bias{int(bias)}"
-
-
-def _pair(bnext_cls, torch_cls, cfg, in_dtype, param_dtype, device, channels=6):
-    """bnext module in (in_dtype, param_dtype) and the torch reference module
-    with the same values, in reference_dtype(in_dtype) when that is wider."""
-    affine, track, momentum, bias = cfg
-    ours = bnext_cls(channels, momentum=momentum, affine=affine, track_running_stats=track,
-                     bias=bias, device=device, dtype=param_dtype)
-    if affine:
-        with torch.no_grad():
-            ours.weight.uniform_(0.5, 1.5)
-            if ours.bias is not None:
-                ours.bias.uniform_(-0.5, 0.5)
-    ref = bnext.revert_batchnorm(copy.deepcopy(ours))
-    assert type(ref) is torch_cls
-    ref_dtype = reference_dtype(in_dtype)
-    if ref_dtype != in_dtype:
-        ref = ref.to(ref_dtype)
-    return ours, ref
-
-
-def _params(m):
-    return [p for p in (m.weight, m.bias) if p is not None]
-
-
-def _step(ours, ref, x, dy, ref_dtype=None):
-    ref_dtype = ref_dtype or reference_dtype(x.dtype)
-    xo = x.detach().clone().requires_grad_(True)
-    xr = x.detach().to(ref_dtype).requires_grad_(True)
-    yo = ours(xo)
-    yr = ref(xr)
-    assert yo.dtype == x.dtype and yo.shape == yr.shape
-    assert yo.stride() == yr.stride(), "output memory format differs from torch"
-    assert_close(yo, yr)
-    yo.backward(dy)
-    yr.backward(dy.to(ref_dtype))
-    assert_close(xo.grad, xr.grad)
-    for po, pr in zip(_params(ours), _params(ref)):
-        assert_close(po.grad, pr.grad)
-        po.grad = None
-        pr.grad = None
-
-
-def _buffers_match(ours, ref):
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        a, b = getattr(ours, name), getattr(ref, name)
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert_close(a, b)
-            # A wider reference keeps unrounded buffers; continue from ours so
-            # each step is checked on its own rather than on drift from
-            # storing the buffers in bfloat16/float16.
-            with torch.no_grad():
-                b.copy_(a)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
@@ -102,20 +33,20 @@ def _buffers_match(ours, ref):
 def test_module_matches_torch(case, dtypes, cfg, device):
     bnext_cls, torch_cls, shape, layout = case
     in_dtype, param_dtype = dtypes
-    ours, ref = _pair(bnext_cls, torch_cls, cfg, in_dtype, param_dtype, device)
+    ours, ref = module_pair(bnext_cls, torch_cls, cfg, in_dtype, param_dtype, device)
 
     for _ in range(3):
         x = make_input(shape, layout, in_dtype, device) * 2 + 0.5
         dy = torch.randn(shape, device=device).to(in_dtype)
-        _step(ours, ref, x, dy)
-        _buffers_match(ours, ref)
+        step_and_compare(ours, ref, x, dy)
+        buffers_match(ours, ref)
 
     ours.eval()
     ref.eval()
     x = make_input(shape, layout, in_dtype, device)
     dy = torch.randn(shape, device=device).to(in_dtype)
-    _step(ours, ref, x, dy)
-    _buffers_match(ours, ref)
+    step_and_compare(ours, ref, x, dy)
+    buffers_match(ours, ref)
 
 
 def _steps_2d(channels, dtypes, device, hw, ref_dtype=None, layout="channels_last", batch=3):
@@ -123,7 +54,7 @@ def _steps_2d(channels, dtypes, device, hw, ref_dtype=None, layout="channels_las
     (batch, channels, *hw) inputs in `layout`, against torch (in ref_dtype
     when given)."""
     in_dtype, param_dtype = dtypes
-    ours, ref = _pair(bnext.BatchNorm2d, torch.nn.BatchNorm2d, CONFIGS[0], in_dtype,
+    ours, ref = module_pair(bnext.BatchNorm2d, torch.nn.BatchNorm2d, CONFIGS[0], in_dtype,
                       param_dtype, device, channels=channels)
     if ref_dtype is not None:
         ref = ref.to(ref_dtype)
@@ -131,8 +62,8 @@ def _steps_2d(channels, dtypes, device, hw, ref_dtype=None, layout="channels_las
     for _ in range(2):
         x = make_input(shape, layout, in_dtype, device) * 2 + 0.5
         dy = make_input(shape, layout, in_dtype, device)
-        _step(ours, ref, x, dy, ref_dtype=ref_dtype)
-        _buffers_match(ours, ref)
+        step_and_compare(ours, ref, x, dy, ref_dtype=ref_dtype)
+        buffers_match(ours, ref)
 
 
 # channels_last reductions walk rows one at a time below 256 channels and

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <fstream>
 #include <string>
@@ -14,7 +15,7 @@ namespace {
 
 // Size in bytes of the highest cache level sysfs lists for cpu0, or 0.
 // sysconf(_SC_LEVEL3_CACHE_SIZE) is not used first: in VMs it can report
-// every L3 of the host summed (320 MB on the CI VM, whose L3 is 32 MB).
+// every L3 of the host summed.
 int64_t sysfs_llc_bytes() {
   int64_t best_level = 0, best_size = 0;
   for (int i = 0; i < 8; ++i) {
@@ -49,11 +50,7 @@ int64_t llc_bytes() {
 }
 
 // The cache a VM's guest can use may be far smaller than the size sysfs
-// gives: on a 2-core Intel Xeon CI VM (105 MB L3 listed) a copy ran at
-// memory speed from 16 MB, and streaming made float32 evals of 12.8 MB
-// tensors 1.5-2.5x and of 6.4 MB tensors ~1.5x as fast (torch-relative,
-// interleaved), where on the Zen 4 VM (stream_stores) they stay in its
-// 32 MB L3.
+// gives, and then outputs well under the listed size already miss it.
 // So a pass of kProbePassBytes is timed once, both ways
 // (streaming_wins_at); where streaming wins, the cache is taken to be
 // kProbePassBytes / 4. Callers ask only about sizes the answer changes,
@@ -66,26 +63,36 @@ bool small_usable_cache() {
   return small;
 }
 
+int from_env(const char* name) {
+  const char* env = std::getenv(name);
+  return env == nullptr ? -1 : std::atoi(env) != 0;
+}
+
+// One slot per Tuning value, first read from its environment variable.
+std::atomic<int>* forced_choices() {
+  static std::atomic<int> choices[] = {from_env("BNEXT_STREAMING_STORES"),
+                                       from_env("BNEXT_RESIDENT")};
+  return choices;
+}
+
 }  // namespace
 
+int forced_choice(Tuning which) {
+  return forced_choices()[static_cast<int>(which)].load(std::memory_order_relaxed);
+}
+
+void set_forced_choice(Tuning which, int value) {
+  forced_choices()[static_cast<int>(which)].store(value < 0 ? -1 : value != 0,
+                                                  std::memory_order_relaxed);
+}
+
 bool stream_stores(int64_t pass_bytes, bool wide_rows) {
-  static const int forced = [] {
-    const char* env = std::getenv("BNEXT_STREAMING_STORES");
-    return env == nullptr ? -1 : std::atoi(env) != 0;
-  }();
+  const int forced = forced_choice(Tuning::StreamingStores);
   if (forced >= 0) {
     return forced != 0;
   }
-  // Measured on the CI VM (32 MB L3, shared with other guests), eval:
-  // streaming is 7% slower when input + output are 26 MB, even to 1.25x
-  // faster at 51 MB (1024 channels of 14x14, channels_last), 1.3-1.4x
-  // faster at 103 MB. Later runs, both settings interleaved in one process
-  // and repeated over six processes (the per-process spread was up to 2x),
-  // split the 26 MB float32 channels_last cases by row width. Streaming
-  // at 512 and 2048 channels: eval 0.9x and 1.4x, training forward 1.3x
-  // and 1.2x as fast (median ratios); at 128 channels 0.8x both. Planar:
-  // a training forward at 26 MB (128x28x28) 0.7x. 64-channel rows and
-  // bfloat16 cases showed no difference either way.
+  // Streaming pays once the output would leave the cache anyway; wide
+  // channels-inner rows gain from it earlier than planes and narrow rows.
   const int64_t llc = llc_bytes();
   auto over = [&](int64_t cache) {
     return pass_bytes > (wide_rows ? cache * 3 / 4 : cache * 3 / 2);

@@ -219,10 +219,8 @@ bool resident_impl(
   using acc_t = typename Terms::acc_t;
   const ChannelLayout L = make_layout(src.saved);
   const int reads = kRes ? 3 : 2;  // dy, the saved tensor, the residual
-  // float32/float64 only: half types recompute g in pass 2, and there the
-  // resident walk measured 0.95-0.99x (bf16 relu, 64x112x112 and
-  // 256x56x56), where float32 relu gained 1.05-1.26x (64x112x112 to
-  // 512x28x28; 1.03-1.16x with a residual), same-process A/B.
+  // float32/float64 only: half types recompute g in pass 2, which costs
+  // what the resident walk saves.
   const int64_t block = IO::kParts == 1 ? resident_block_channels(L, sizeof(scalar_t), reads) : 0;
   if (block == 0) {
     return false;

@@ -24,10 +24,8 @@ constexpr int64_t kMaxBlockRows = 256;
 // Blocks of many channels: the statistics tiles walk a block column by
 // column, and rows 1-4 KB apart map to the same few L1 sets, so 32 rows of
 // 1024 float32 channels evict their own prefetched lines. From 512
-// channels, blocks of at most 32 KB and 16 rows were measured 1.2-1.35x
-// faster (float32 and bfloat16); 256 float32 channels were 1.15x slower
-// with them and keep the larger blocks. Fewer than 16 bfloat16 rows (8
-// float32 rows) cost more in block merges than they save.
+// channels, blocks are capped at 32 KB; narrower rows keep the larger
+// blocks, and fewer than 16 bfloat16 rows cost more in merges than they save.
 constexpr int64_t kManyChannels = 512;
 constexpr int64_t kManyChannelsBlockBytes = 32768;
 constexpr int64_t kManyChannelsRowBytes = 32;  // min rows = this / elem_bytes
@@ -67,7 +65,7 @@ void parallel_reduce_chunks(
     // Tasks in memory order: plane p = n * C + c, split into chunks of at
     // most kChunkElems. Walking channel by channel instead would jump
     // C * S elements between the N planes of a channel and defeat the
-    // hardware prefetcher (measured ~2x slower on 25 MB tensors).
+    // hardware prefetcher.
     const int64_t per_plane = (L.S + kChunkElems - 1) / kChunkElems;
     const int64_t chunk = std::min(L.S, kChunkElems);
     const int64_t tasks = L.N * L.C * per_plane;
@@ -114,17 +112,10 @@ void parallel_reduce_chunks(
 // channel is summed in one task, in a fixed order, so its result does not
 // depend on the thread count.
 // Only while the `tensors` tensors of the input's size that the pass and
-// the one after it touch fit the last-level cache: out of it, runs of a
-// block spaced C * S apart measured 1.3x slower than the memory-order walk
-// (float32 1024x14x14 statistics, 26 MB), where 12.8 MB of 2048x7x7 was
-// 1.2x faster; a backward whose dy, x and dx came to 38 MB (float32
-// 512x14x14) was 1.5x slower with its sums over channel blocks, the sums
-// themselves no faster. The cache here is the sysfs size, not the smaller
-// usable one (fits_usable_cache): on the Xeon VM (105 MB listed, ~6 MB
-// usable) the usable size, which turns this walk off from 6 MB, took
-// bfloat16 2048x7x7 training forward from 1.19-1.23x to 0.77-0.79x torch
-// and float32 512x7x7 and 2048x7x7 from 2.8-3.3x to 2.2-2.6x; 14x14
-// shapes moved within the noise (3 alternating processes per build).
+// the one after it touch fit the last-level cache: out of it, a block's
+// runs spaced C * S apart are slower than the memory-order walk. The cache
+// here is the sysfs size, not the smaller usable one (fits_usable_cache):
+// this walk still wins between the two.
 constexpr int64_t kSmallPlaneElems = 256;
 constexpr int64_t kBlockRunBytes = 8192;
 

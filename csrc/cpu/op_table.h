@@ -19,7 +19,7 @@ namespace bnext::cpu {
 
 // Changed whenever the table's layout or an op's signature changes, so that
 // a level library from another build is refused instead of miscalled.
-constexpr int kOpTableVersion = 3;
+constexpr int kOpTableVersion = 4;
 
 using at::Tensor;
 using std::optional;
@@ -84,6 +84,11 @@ struct OpTable {
       const optional<Tensor>& residual, const optional<Tensor>& grad_residual,
       const Tensor& sums, const Tensor& count, c10::string_view activation,
       double negative_slope);
+
+  // The level library's forced memory-traffic choices (cache_policy.h's
+  // Tuning: 0 streaming stores, 1 resident walk; -1 automatic, 0 off, 1 on).
+  int (*forced_choice)(int which);
+  void (*set_forced_choice)(int which, int value);
 };
 
 // Each level library's part of the table: ops_cpu.cpp fills the plain ops,

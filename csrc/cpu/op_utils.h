@@ -29,11 +29,8 @@ inline int64_t per_channel_count(const at::Tensor& input) {
 // torch's kernels do. Small tensors allocated before the output and freed
 // after it can make glibc hand the output a different free block from call
 // to call (see EvalScratch), and an output that moves around costs cache
-// misses an in-cache tensor would not have. Measured for the training
-// forward (module, float32 NCHW 128x28x28 / 2048x7x7 / 512x14x14, 40
-// calls, three processes): 2-6 distinct output blocks before, 1-3 after
-// (one process 7), torch 1-5. For the eval, output-first alone did not
-// bring the counts to torch's; EvalScratch (no per-channel tensors) did.
+// misses an in-cache tensor would not have. For the eval, output-first
+// alone was not enough; EvalScratch (no per-channel tensors) is.
 inline at::Tensor empty_output(const at::Tensor& input, at::MemoryFormat fmt) {
   return at::empty(input.sizes(), input.options().memory_format(fmt));
 }
@@ -52,14 +49,9 @@ TrainNormalization train_normalization(
 
 // Stack room for the eval coefficients (alpha, beta) of up to kChannels
 // channels, so that an eval with weight and bias allocates no per-channel
-// buffer on the heap, only its output (and small tensor headers). Its five
-// per-channel tensors (8-16 KB each at 2048 channels), allocated
-// before the output and freed after it, shifted the free block glibc
-// handed the output from call to call: torch's own eval, given the same
-// five allocations first, went from 1-2 output blocks to 3-5 and ran 8-10%
-// slower (bf16 channels_last 2048x7x7, ten processes); in a process where
-// bnext's output cycled through 6 blocks it took 0.34 ms, against
-// 0.19-0.26 ms with 2 (torch 0.27-0.30 ms).
+// buffer on the heap, only its output (and small tensor headers):
+// per-channel tensors allocated before the output and freed after it shift
+// the free block glibc hands the output from call to call.
 struct EvalScratch {
   static constexpr int64_t kChannels = 2048;
   alignas(64) double alpha[kChannels];

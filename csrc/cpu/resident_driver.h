@@ -5,14 +5,9 @@
 // the block's planes are still in the core's caches. The inputs then come
 // from memory once instead of twice.
 //
-// Used by the training backward (backward.cpp). Same-process A/B against
-// the two memory-order passes, float32 NCHW batch 32, op-level backward,
-// 4 processes: 1.2-1.4x as fast at 64x112x112 and 256x56x56 (103 MB per
-// tensor); at 51 MB (128x56x56, 512x28x28) 0.9-1.2x, depending on the run;
-// tensors that fit the last-level cache were slower with it (bfloat16
-// 64x56x56, 0.7-0.8x) and keep the memory-order passes. The training
-// forward, walked the same way (statistics, then normalization), measured
-// 0.9x at 51 MB and 1.0-1.05x at 103 MB, so it keeps its two passes.
+// Used by the training backward (backward.cpp) for inputs that do not fit
+// the usable cache; in cache the memory-order passes are faster. The
+// training forward gained nothing from the same walk and keeps two passes.
 #pragma once
 #include <ATen/Parallel.h>
 
@@ -26,38 +21,27 @@
 namespace bnext::cpu {
 
 // Input bytes per thread a block may span (its planes over the whole batch,
-// every input tensor counted). Above the 1 MB L2 of the CI VM's cores
-// because Zen's L3 is filled by L2 evictions: what the reduction pushed out
-// of L2 is re-read from L3, still not from memory.
+// every input tensor counted). Larger than a core's L2 because an L3 filled
+// by L2 evictions (as Zen's) still serves what the reduction pushed out of
+// L2, without a trip to memory.
 constexpr int64_t kResidentBytes = int64_t{4} << 20;
 // Channels per block at most (the block's sums live on the stack).
 constexpr int64_t kResidentMaxChannels = 64;
 // Planes below a few vectors are left to parallel_channel_blocks and the
-// memory-order walks. Not 1024: on the Xeon VM (2 MB L2, a usable cache
-// of ~6 MB, see cache_policy.cpp) the resident backward of bfloat16
-// 28x28 planes (1568 bytes) measured 0.89-0.99x the memory-order passes,
-// where float32 28x28 (3136 bytes) gained 3-13% (fwd+bwd against torch,
-// interleaved, medians of 3 alternating processes per walk).
+// memory-order walks: their short runs lose more to the block walk than the
+// second trip to memory costs.
 constexpr int64_t kResidentMinPlaneBytes = 2048;
 
 // Channels per block of the resident walk for `reads` input tensors of
 // elem_bytes elements, or 0 where it does not apply: channels-inner, planes
 // under kResidentMinPlaneBytes, a channel over kResidentBytes, fewer than
 // 4 channels per thread, or an input that fits the usable cache
-// (fits_usable_cache). On the Xeon VM, whose sysfs lists 105 MB, taking
-// the probed cache instead measured, fwd+bwd against torch, per pair of
-// alternating processes: float32 256x28x28 to 128x56x56 and (N, C, L)
-// 4-23% faster, 128x28x28, 64x112x112, 256x56x56 and 5-D -3% to +6%;
-// bfloat16 56x56 and up -9% to +23% (64x56x56 and 5-D the losers);
-// float32 BN+ReLU 3-20%, 64x112x112 and 5-D -1% to +6%. A shape the walk
-// does not take moved -6% to +5%.
-// BNEXT_RESIDENT=0 or 1 forces the choice where the layout allows it (for
-// benchmarking both walks).
+// (fits_usable_cache: the probed size, not sysfs's, which on some VMs is
+// far more than the guest gets).
+// Tuning::Resident forces the choice where the layout allows it (for
+// testing and benchmarking both walks).
 inline int64_t resident_block_channels(const ChannelLayout& L, int64_t elem_bytes, int reads) {
-  static const int forced = [] {
-    const char* env = std::getenv("BNEXT_RESIDENT");
-    return env == nullptr ? -1 : std::atoi(env) != 0;
-  }();
+  const int forced = forced_choice(Tuning::Resident);
   const int64_t channel_bytes = reads * L.N * L.S * elem_bytes;
   const int nthreads = at::get_num_threads();
   if (forced == 0 || L.channels_inner || L.N == 0 || L.C < 4 * nthreads ||

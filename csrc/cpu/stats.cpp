@@ -34,8 +34,7 @@ constexpr int kUnroll = 4;
 // its own centre c moves to k exactly, with no division:
 //   sum(x - k) = s1 + n d,  sum((x - k)^2) = s2 + d (2 s1 + n d),  d = c - k,
 // so adding a 7x7 plane costs a few multiply-adds instead of a Chan merge
-// (two divisions on the plane's critical path, measured 8x slower than
-// reading it). b - a^2 / n is formed in double, where (mean - k)^2 / var
+// (two divisions on the plane's critical path, far slower than reading it). b - a^2 / n is formed in double, where (mean - k)^2 / var
 // up to the number of chunks costs nothing.
 // The float sums s1, s2 lose eps * (chunk mean - c)^2 / var, so each chunk
 // is summed about `center`, the channel's mean so far. It is moved after
@@ -295,8 +294,8 @@ void channel_block_moments(
 // keeps double sums a = sum(x - center), b = sum((x - center)^2) about its
 // own float `center`, and a block's float sums (a few rows, about the same
 // centre) are widened and added in at the end of its tile: a per-block
-// Chan merge over all C channels (a division and five arrays each) was
-// 25% of the statistics pass at 2048 channels of 7x7. The centre is moved
+// Chan merge over all C channels (a division and five arrays each) would
+// cost a large share of the pass at many channels. The centre is moved
 // to the mean so far after blocks 1, 2, 4, 8, ... (as ShiftedSums does for
 // planar chunks), re-basing a and b exactly in double.
 template <typename acc_t>
@@ -362,10 +361,7 @@ void tile_moments(
   }
   // The same line of the next block (the thread's next rows) is fetched
   // into L2 meanwhile: the tile walk's short runs of many rows at once are
-  // more streams than the hardware prefetcher follows. Same-process A/B,
-  // training forward vs torch: float32 512x28x28 1.20x -> 1.44x, 256x56x56
-  // 1.29x -> 1.68x, 1024x14x14 1.16x -> 1.26x; bf16 512x28x28 1.19x ->
-  // 1.54x, 256x56x56 1.42x -> 1.93x.
+  // more streams than the hardware prefetcher follows.
   const int64_t ahead = nrows * C;
   for (int64_t r = 0; r < nrows; ++r) {
     const scalar_t* row = p + r * C + c0;

@@ -89,10 +89,8 @@ struct CoefPair {
 };
 
 // Channels-inner rows are walked in memory order, one row after another:
-// walking a block channel step first (one long stride per row) measured ~2x
-// slower, and so did groups of rows walked step by step (4 rows at a
-// stride of C: 3x slower than torch's row-order walk for the backward
-// sums at 128 channels). Reductions sum kReduceRowGroup rows into float
+// a long stride per step (channel step first, or rows interleaved) defeats
+// the hardware prefetcher. Reductions sum kReduceRowGroup rows into float
 // accumulators (L1-resident, C per sum), then widen them into the
 // thread's double partials: four terms per lane, few enough that the
 // cancelling gradient sums keep float32 accuracy.
@@ -101,19 +99,16 @@ constexpr int kReduceRowGroup = 4;
 // Wide rows (kSpreadChannels or more channels): the flush pass every 4
 // rows is a larger share of the work, and from 512 channels those L1
 // accumulators (2 C floats, plus 2 C doubles of partials) no longer fit
-// L1 beside the rows streaming through it; the row walk measured 2x
-// slower than the walk below at 2048 channels, 1.3x at 512. There,
+// L1 beside the rows streaming through it. There,
 // kReduceRowGroup rows spaced nrows / kReduceRowGroup apart are summed in
 // float registers, pairwise, and added into the double partials: the same
 // four float terms per lane, one double update per four rows, no flush
 // pass. The rows are spaced apart, not adjacent, because adjacent rows
-// interleaved within one page defeat the hardware prefetcher (2-4 adjacent
-// rows per step measured 2-3x slower than one row at a time); spaced
-// rows are separate sequential streams. Below 256 channels the row walk
-// measured ~10% faster.
+// interleaved within one page defeat the hardware prefetcher; spaced rows
+// are separate sequential streams. Below kSpreadChannels the row walk wins.
 constexpr int64_t kSpreadChannels = 256;
-// Blocks of the spread walk from kManyChannels channels: 64 rows measured
-// faster than the statistics' 8-16 (1024 and 2048 float32 channels).
+// Blocks of the spread walk from kManyChannels channels: longer than the
+// statistics' 8-16 rows, to keep each spaced stream going.
 constexpr int64_t kSpreadBlockRows = 64;
 
 // Rows per block of the spread walk, for elements of elem_bytes.
@@ -141,16 +136,15 @@ constexpr int kVectorRegisters = 16;
 // Registers left for a step's own loads and temporaries.
 constexpr int kStepScratchRegisters = 8;
 // The register walk widens its sums into double every kReduceRowGroup rows,
-// like the row walk (bitwise the same sums). Every 8 rows measured up to
-// 1.15x faster, but test_large_tensors_match_torch's 64-channel case then
-// fails: 8 float terms per lane are too many for 38400-element channels.
+// like the row walk (bitwise the same sums). Fewer widenings would be
+// faster, but 8 float terms per lane lose float32 accuracy on long
+// channels (test_large_tensors_match_torch's 64-channel case).
 
 // Whether elementwise_steps may write with streaming stores
 // (cache_policy.h). Only where every 64-byte line of the output is written
 // whole by them: a line written partly by a streaming store and partly by a
 // normal one (an unaligned plane start, an overlapping last step) costs a
-// read-modify-write in memory; with 196-element float32 planes streamed
-// plane by plane, an eval was 3.9x slower than without streaming.
+// read-modify-write in memory, more than streaming saves.
 //   stream: runs (planes, rows) are whole lines; every walk may stream.
 //   flat:   planes are not whole lines; elementwise_steps streams them with
 //           the flat walk (flat_plane_steps), which steps through a task's
@@ -194,13 +188,10 @@ BNEXT_STEP void plane_steps(Step& step_l, const Set& s, int64_t offset, int64_t 
     for (; i + K <= S; i += K) step_l(offset + i, K, s, stream);
     if (i < S) {
       // float32/float64 steps (K no wider than a float vector) end with a
-      // masked partial step where AVX-512 has masks: the overlapping full
-      // step made float32 7x7 and 14x14 evals with normal stores
-      // 0.84-1.04x torch's speed on the Xeon CI VM, the masked one
-      // 0.94-1.28x (one thread, processes alternating, three rounds;
-      // torch's loop ends in a masked step too). Half-type steps keep the
-      // overlap: masked, bfloat16 7x7 evals fell from 1.63-1.68x to
-      // 1.26-1.38x, and 14x14 and 28x28 did not change.
+      // masked partial step where AVX-512 has masks, as torch's loop does:
+      // an overlapping full step rewrites lines just written. Half-type
+      // steps keep the overlap, which is cheaper than their masked
+      // conversion.
       if constexpr (kMaskedPartialSteps && K <= Vectorized<float>::size()) {
         step_l(offset + i, S - i, s, false);
       } else {
@@ -281,7 +272,7 @@ void elementwise_steps(
   using Set = typename Coefs::Set;
   // Every task works on local copies of the step and the coefficient
   // pointers: vector stores are may_alias, so pointers read through a
-  // reference would be reloaded after each store (measured 2x slower).
+  // reference would be reloaded after each store.
   parallel_elementwise(
       L,
       [&](int64_t begin, int64_t end) {
@@ -317,10 +308,7 @@ void elementwise_steps(
         // coefficient vectors (three float64 arrays) for two of data, so
         // at many channels the coefficient loads were most of the step.
         // Far-apart rows, not adjacent ones, for the prefetcher (see the
-        // spread walk below). Same-process A/B against one row at a time,
-        // channels_last, 4-6 runs: float32 backward 1.15x at 1024x14x14,
-        // 1.3x at 2048x7x7; bfloat16 eval, forward and backward mostly
-        // 1.05-1.1x; float32 eval and forward unchanged within the noise.
+        // spread walk below).
         const int64_t h = nrows / 2;
         const int64_t apart = h * C;
         // fn(c, n, set, stream) for every step of a row, with the step's
@@ -491,6 +479,11 @@ BNEXT_STEP std::pair<double, double> run_pair_sums(
 // Per-channel sum(g) and sum(g * t) in float64, where step(i, n, set, g, t)
 // yields P acc vectors of g and t for a step (lanes past n must give g = 0).
 // Deterministic for a given thread count: fixed chunks, fixed combine order.
+// Longer than a screen on purpose: its five walks (planar runs, row,
+// spread, register and small-plane block walks) are lambdas over the same
+// local step, coefficient copies and per-thread partials, and the choice
+// between them is made once at the end; as separate functions each would
+// take those as a dozen parameters.
 template <typename IO, typename Coefs, typename Step>
 void reduce_steps(
     const ChannelLayout& L,
@@ -690,12 +683,9 @@ void reduce_steps(
   // array over the whole batch and are reduced once, at the end, where the
   // per-plane walk reduced them at every 7x7 plane. Each step is widened
   // into double at once. The per-plane walk's 7x7 planes give most lanes a
-  // single float term; letting 2 or 4 terms build up in float lanes here
-  // measured 1.4x and 1.6x its weight-gradient error at (300, 64, 7, 7)
-  // (0.83 and 0.97 of the float32 tolerance, against 0.60), and 8 failed
-  // test_large_tensors_match_torch. 14x14 planes measured slower than the
-  // per-plane walk with per-step widening (float32 256x14x14 backward
-  // 1.28x torch against 1.61x) and keep it.
+  // single float term; letting terms build up in float lanes here would
+  // cost accuracy on the weight gradient. 14x14 planes are faster with
+  // the per-plane walk and keep it.
   auto block_sums = [&](int tid, int64_t c0, int64_t c1) {
     const Coefs coefs_l = coefs;  // local copies: see elementwise_steps
     auto step_l = step;

@@ -12,8 +12,7 @@
 #include <type_traits>
 
 // Loads and stores sit inside every step; at the AVX-512 width GCC kept
-// some out of line (store_n: 8% of a bfloat16 normalize pass), passing the
-// vectors through memory.
+// some out of line, passing the vectors through memory.
 #define BNEXT_IO __attribute__((always_inline)) static inline
 
 namespace bnext::cpu {
@@ -35,7 +34,7 @@ __attribute__((always_inline)) inline void prefetch_l2(const T* p, int64_t ahead
 // non-temporal store: outputs larger than the last-level cache would be
 // evicted before anyone reads them, and a normal store first reads each
 // line from memory (write-allocate), a third stream beside the load and
-// the write-back (measured 1.25x faster on a 25 MB channels_last eval).
+// the write-back.
 template <typename T>
 __attribute__((always_inline)) inline void store_vec(T* p, const Vectorized<T>& v, bool stream) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -120,11 +119,7 @@ struct VecIO {
 
 // Two float vectors rounded (to nearest even) into one half vector. With
 // AVX512_BF16 (setup.py), bfloat16 takes vcvtne2ps2bf16: one instruction
-// for 32 lanes where torch's emulation takes 14. Same-process A/B against
-// the emulation, speedup over torch (batch 32): bfloat16 eval 2048x7x7
-// NCHW 0.97x -> 1.46x, 128x28x28 channels_last 1.21x -> 1.77x; training
-// forward 1.30x -> 1.57x and 1.60x -> 1.72x; backward 3.11x -> 3.46x and
-// 1.50x -> 1.69x. That instruction treats subnormal inputs as zero (DAZ and
+// for 32 lanes where torch's emulation takes 14. That instruction treats subnormal inputs as zero (DAZ and
 // FTZ, whatever MXCSR says), so a vector holding any float32 subnormal
 // takes torch's exact path instead: results stay bitwise those of
 // torch's conversion for every finite and infinite input. NaN stays NaN

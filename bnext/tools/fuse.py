@@ -16,11 +16,11 @@ Two ways to find the patterns, tried per module from the root down:
 import torch
 from torch import nn
 
-from . import _activations
-from .batchnorm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
-from .convert import _retyped
-from .frozen import _FrozenBatchNorm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .._ops import activations as _activations
+from ..nn._replace import retyped
+from ..nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ..nn.batchnorm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from ..nn.frozen import _FrozenBatchNorm
 
 _BN = nn.modules.batchnorm._BatchNorm
 _FUSED = {
@@ -46,7 +46,7 @@ class LeafBNTracer(torch.fx.Tracer):
 
 def _fused_module(bn, spec, memory_saving):
     activation, negative_slope = spec
-    new = _retyped(bn, _FUSED[type(bn)])  # same Parameter and buffer objects
+    new = retyped(bn, _FUSED[type(bn)])  # same Parameter and buffer objects
     new.activation = activation
     new.negative_slope = negative_slope
     new.memory_saving = memory_saving and _activations.invertible(activation, negative_slope)

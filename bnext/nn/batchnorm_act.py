@@ -6,9 +6,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._activations import check_activation
-from .functional import _batch_norm_act
-from .modules import _BatchNormForward
+from .._ops.activations import check_activation
+from ..functional import _batch_norm_act
+from .batchnorm import _BatchNormForward
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
 

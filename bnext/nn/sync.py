@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from ._ops import ops
+from .._ops import ops
+from ._replace import replace_modules, retyped
 from .batchnorm_act import _BatchNormAct
-from .modules import _BatchNormForward
+from .batchnorm import _BatchNormForward
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
 
@@ -157,15 +158,13 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
         (torch's converter drops it, pytorch/pytorch#187298). Children are
         replaced in place; returns the converted root.
         """
-        from .convert import _retyped, replace_modules
-
         def replace(m):
             if type(m) in (cls, SyncBatchNormAct):
                 return None
             if _convertible_act(m):
-                new = _retyped(m, SyncBatchNormAct)
+                new = retyped(m, SyncBatchNormAct)
             elif _convertible(m):
-                new = _retyped(m, cls)
+                new = retyped(m, cls)
             else:
                 return None
             new.process_group = process_group

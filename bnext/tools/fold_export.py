@@ -5,6 +5,8 @@ from types import SimpleNamespace
 
 import torch
 
+from .fold_weights import folded_weight_bias
+
 aten, bnext_ops = torch.ops.aten, torch.ops.bnext
 
 # op -> (position of weight, of bias, of groups or None, kind)
@@ -46,8 +48,6 @@ class _NotConstant(Exception):
 
 
 def _fold_graph(gm):
-    from .fold import folded_weight_bias
-
     count = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function":

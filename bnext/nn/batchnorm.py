@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from ._members import member
-from .functional import _batch_norm
+from ..functional import _batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ._members import member
-from .functional import _batch_norm
+from ..functional import _batch_norm
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 

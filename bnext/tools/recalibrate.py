@@ -10,13 +10,27 @@ import itertools
 import torch
 import torch.distributed as dist
 
-from ._moments import merge
-from ._ops import ops
-from .frozen import _FrozenBatchNorm
+from .._ops import ops
+from ..nn.frozen import _FrozenBatchNorm
 
 __all__ = ["recalibrate_batchnorm"]
 
 _BN = torch.nn.modules.batchnorm._BatchNorm
+
+
+def _merge(moments):
+    """Merge a (K, 3, C) stack of (count, mean, M2) rows into one (3, C).
+
+    Count-weighted (Chan, Golub & LeVeque's parallel variance), in float64,
+    never E[x^2] - E[x]^2. ``bnext::batch_norm_merge_moments`` does the same
+    for SyncBatchNorm but refuses a total count of at most 1, which
+    recalibration must accept (it then stores NaN as torch would)."""
+
+    counts, means, m2s = moments[:, 0], moments[:, 1], moments[:, 2]
+    n = counts.sum(0)
+    mean = (counts * means).sum(0) / n.clamp_min(1)
+    m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
+    return torch.stack([n, mean, m2])
 
 
 class _Stop(Exception):
@@ -26,11 +40,11 @@ class _Stop(Exception):
 def _population_moments(per_batch, group):
     """(n, mean, M2) over all batches, and over all ranks when distributed:
     one all_gather of this rank's merged (count, mean, M2) per BN."""
-    local = merge(torch.stack(per_batch))
+    local = _merge(torch.stack(per_batch))
     if _distributed(group):
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, local, group=group)
-        local = merge(torch.stack(parts))
+        local = _merge(torch.stack(parts))
     return local
 
 

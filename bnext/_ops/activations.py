@@ -1,5 +1,8 @@
 """The activations the fused BatchNormAct ops support, and how torch's own
-activation modules and functions map onto them (used by the converter)."""
+activation modules and functions map onto them (used by the converter).
+
+The names and which of them are invertible come from the C++ table
+(``csrc/activation_kind.h``) that both backends read."""
 
 import operator
 
@@ -7,15 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _C
+
 #: Names accepted by ``activation=``; ``elu`` is torch's ELU with alpha=1.
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu", "gelu_tanh")
+ACTIVATIONS = _C._activation_names()
 
 
 def invertible(activation, negative_slope):
-    """Whether the activation's input can be recovered from its output."""
-    return activation in ("identity", "elu") or (
-        activation == "leaky_relu" and negative_slope > 0
-    )
+    """Whether the activation's input can be recovered from its output:
+    identity, elu, leaky_relu with a positive slope."""
+    return _C._activation_invertible(activation, float(negative_slope))
 
 
 def check_activation(activation, negative_slope, memory_saving):

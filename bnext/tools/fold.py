@@ -12,10 +12,12 @@ import copy
 import torch
 from torch import nn
 
-from ._fuse import LeafBNTracer
+from ..nn.batchnorm import _BatchNormForward
+from ..nn.frozen import _FrozenBatchNorm
 from .convert import convert_batchnorm
-from .frozen import _FrozenBatchNorm
-from .modules import _BatchNormForward
+from .fold_export import fold_exported
+from .fold_weights import folded_weight_bias
+from .fuse import LeafBNTracer
 
 __all__ = ["fold_batchnorm"]
 
@@ -48,39 +50,6 @@ def _foldable(layer, bn):
     if type(bn).forward not in _PLAIN_FORWARDS:
         return False
     return _out_channels(layer) == bn.num_features
-
-
-def _scale_shift(bn):
-    f64 = torch.float64
-    mean, var = bn.running_mean.to(f64), bn.running_var.to(f64)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.detach().to(f64)
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.detach().to(f64)
-    return scale, shift
-
-
-def folded_weight_bias(weight, bias, bn, kind):
-    """Folded ``(weight, bias)`` in the layer's dtype; computed in float64.
-
-    ``kind`` is ``"conv"`` (weight ``(C_out, C_in/groups, *k)``), ``"linear"``
-    (``(C_out, C_in)``) or ``("transposed", groups)`` (weight
-    ``(C_in, C_out/groups, *k)``).
-    """
-    scale, shift = _scale_shift(bn)
-    w = weight.detach().to(torch.float64)
-    if kind == "conv" or kind == "linear":
-        w = w * scale.reshape([-1] + [1] * (w.dim() - 1))
-    else:
-        groups = kind[1]
-        shape = w.shape
-        w = w.reshape(groups, shape[0] // groups, shape[1], *shape[2:])
-        w = w * scale.reshape(groups, 1, shape[1], *([1] * (len(shape) - 2)))
-        w = w.reshape(shape)
-    b = shift if bias is None else bias.detach().to(torch.float64) * scale + shift
-    return w.to(weight.dtype), b.to(weight.dtype)
 
 
 def fold_into(layer, bn):
@@ -181,8 +150,6 @@ def fold_batchnorm(model, *, dynamic_shapes=None):
             statistics, so it only makes sense for inference).
     """
     if isinstance(model, torch.export.ExportedProgram):
-        from ._fold_export import fold_exported
-
         return fold_exported(model, dynamic_shapes)
     if model.training:
         raise ValueError("fold_batchnorm needs an eval model: call model.eval() first")

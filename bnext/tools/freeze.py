@@ -2,10 +2,10 @@
 
 import torch
 
-from .batchnorm_act import _BatchNormAct
-from .convert import replace_modules
-from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ..nn._replace import replace_modules
+from ..nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ..nn.batchnorm_act import _BatchNormAct
+from ..nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 
 __all__ = ["freeze_batchnorm", "unfreeze_batchnorm"]
 

@@ -2,7 +2,9 @@
 
 import torch
 
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ..nn._replace import replace_modules, retyped
+from ..nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from . import fuse
 
 __all__ = ["convert_batchnorm", "revert_batchnorm"]
 
@@ -14,37 +16,10 @@ _TO_BNEXT = {
 _TO_TORCH = {v: k for k, v in _TO_BNEXT.items()}
 
 
-def _retyped(module: torch.nn.Module, cls: type) -> torch.nn.Module:
-    # A new object of class `cls` holding the very same Parameter and buffer
-    # objects (so optimizers keep working) and every other attribute: hooks,
-    # train/eval flag, device, dtype. Containers are copied so the old and
-    # new modules do not share dicts.
-    new = cls.__new__(cls)
-    new.__dict__ = {
-        k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()
-    }
-    return new
-
-
-def replace_modules(module: torch.nn.Module, replace, memo=None) -> torch.nn.Module:
-    """Apply ``replace(m) -> new module or None (keep m)`` to every module,
-    children in place; a module used twice is replaced by one new module."""
-    memo = {} if memo is None else memo
-    if id(module) in memo:
-        return memo[id(module)]
-    new = replace(module)
-    out = module if new is None else new
-    memo[id(module)] = out
-    for name, child in list(out._modules.items()):
-        if child is not None:
-            out._modules[name] = replace_modules(child, replace, memo)
-    return out
-
-
 def _swap(module: torch.nn.Module, table: dict, memo: dict) -> torch.nn.Module:
     def replace(m):
         cls = table.get(type(m))
-        return _retyped(m, cls) if cls is not None else None
+        return retyped(m, cls) if cls is not None else None
 
     return replace_modules(module, replace, memo)
 
@@ -83,9 +58,7 @@ def convert_batchnorm(
         ValueError: ``memory_saving`` without ``fuse_activations``.
     """
     if fuse_activations:
-        from ._fuse import fuse_activations as fuse
-
-        module = fuse(module, memory_saving)
+        module = fuse.fuse_activations(module, memory_saving)
     elif memory_saving:
         raise ValueError("memory_saving=True applies to fused layers: pass fuse_activations=True")
     return _swap(module, _TO_BNEXT, {})

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._ops import acc_dtype
+from .common import acc_dtype
 
 
 def _dims(x: Tensor):

@@ -1,4 +1,9 @@
-"""Autograd formulas for the fused BatchNorm + activation ops.
+"""The fused batch-norm + activation family: ``batch_norm_act_train``,
+``batch_norm_act_eval``, ``batch_norm_act_backward`` and
+``batch_norm_act_train_step``: fake kernels and autograd formulas.
+
+The activation names are those of ``activations.py`` (the table in
+``csrc/activation_kind.h``).
 
 What is saved for backward is the point of these ops:
 
@@ -13,8 +18,50 @@ First derivatives only: a double backward through these ops raises.
 
 import torch
 
-from ._autograd import _cast_like
-from ._ops import ops
+from .batch_norm import _batch_norm_train_fake
+from .common import acc_dtype, cast_like, empty_like_output, empty_stat, ops, same_device
+
+# ---------------------------------------------------------------- fake kernels
+
+
+@torch.library.register_fake("bnext::batch_norm_act_train_step")
+def _batch_norm_act_train_step_fake(input, weight, bias, residual, running_mean, running_var,
+                                    num_batches_tracked, momentum, eps, activation,
+                                    negative_slope, memory_saving):
+    same_device(input, weight=weight, bias=bias, residual=residual, running_mean=running_mean,
+                 running_var=running_var)
+    return empty_like_output(input)
+
+
+@torch.library.register_fake("bnext::batch_norm_act_train")
+def _batch_norm_act_train_fake(input, weight, bias, residual, eps, activation,
+                               negative_slope, memory_saving):
+    return _batch_norm_train_fake(input, weight, bias, eps)
+
+
+@torch.library.register_fake("bnext::batch_norm_act_eval")
+def _batch_norm_act_eval_fake(input, running_mean, running_var, weight, bias, residual,
+                              eps, activation, negative_slope, memory_saving):
+    same_device(input, weight=weight, bias=bias, residual=residual, running_mean=running_mean,
+                 running_var=running_var)
+    return empty_like_output(input)
+
+
+@torch.library.register_fake("bnext::batch_norm_act_backward")
+def _batch_norm_act_backward_fake(grad_output, saved, saved_is_output, weight, bias,
+                                  residual, running_mean, running_var, save_mean,
+                                  save_invstd, train, eps, activation, negative_slope,
+                                  output_mask):
+    param_dtype = weight.dtype if weight is not None else acc_dtype(saved.dtype)
+    return (
+        empty_like_output(saved) if output_mask[0] else None,
+        empty_like_output(saved) if output_mask[1] else None,
+        empty_stat(saved, param_dtype) if output_mask[2] else None,
+        empty_stat(saved, param_dtype) if output_mask[3] else None,
+    )
+
+
+# -------------------------------------------------------------------- autograd
 
 
 def _check_first_order(grad_output, saved):
@@ -45,7 +92,7 @@ def _train_backward(ctx, grad_output, _gm, _gi, _gv):
         [needs[0], needs[3] and residual is not None, needs[1] and weight is not None,
          needs[2] and bias is not None],
     )
-    return gi, gw, _cast_like(gb, bias), gr, None, None, None, None
+    return gi, gw, cast_like(gb, bias), gr, None, None, None, None
 
 
 def _eval_setup_context(ctx, inputs, output):
@@ -68,7 +115,7 @@ def _eval_backward(ctx, grad_output):
          needs[4] and bias is not None],
     )
     # Like torch's batch norm, the running statistics get no gradient.
-    return gi, None, None, gw, _cast_like(gb, bias), gr, None, None, None, None
+    return gi, None, None, gw, cast_like(gb, bias), gr, None, None, None, None
 
 
 torch.library.register_autograd(
