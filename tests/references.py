@@ -10,6 +10,32 @@ import torch.nn.functional as F
 import bnext
 from helpers import assert_close, make_input, reference_dtype
 
+# The plain batch-norm family's sample inputs, (shape, layout): every rank
+# with each layout it has. Reference comparisons (test_reference), gradcheck
+# (test_autograd) and opcheck (test_opcheck) all run over this one list.
+SAMPLES = [
+    ((16, 6), "contiguous"),
+    ((8, 6), "strided"),
+    ((4, 6, 9), "contiguous"),
+    ((4, 6, 9), "strided"),
+    ((4, 6, 5, 7), "contiguous"),
+    ((4, 6, 5, 7), "channels_last"),
+    ((3, 6, 4, 5), "strided"),
+    ((2, 6, 3, 4, 5), "contiguous"),
+    ((2, 6, 3, 4, 5), "channels_last"),
+]
+
+# (bnext class, torch class) by input rank.
+MODULES = {
+    2: (bnext.BatchNorm1d, torch.nn.BatchNorm1d),
+    3: (bnext.BatchNorm1d, torch.nn.BatchNorm1d),
+    4: (bnext.BatchNorm2d, torch.nn.BatchNorm2d),
+    5: (bnext.BatchNorm3d, torch.nn.BatchNorm3d),
+}
+
+
+SAMPLE_IDS = [f"{'x'.join(map(str, shape))}-{layout}" for shape, layout in SAMPLES]
+
 # (affine, track_running_stats, momentum, bias)
 CONFIGS = [
     (True, True, 0.1, True),

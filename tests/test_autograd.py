@@ -5,15 +5,12 @@ import torch
 
 import bnext
 from helpers import make_input
-
-SHAPES = [((6, 3), "contiguous"), ((3, 2, 5), "contiguous"), ((2, 3, 3, 4), "contiguous"),
-          ((2, 3, 3, 4), "channels_last"), ((2, 2, 2, 3, 2), "channels_last"),
-          ((3, 2, 4), "strided")]
+from references import SAMPLE_IDS, SAMPLES
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
-@pytest.mark.parametrize("shape,layout", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("shape,layout", SAMPLES, ids=SAMPLE_IDS)
 def test_gradcheck(shape, layout, affine, training, device):
     C = shape[1]
     x = make_input(shape, layout, torch.float64, device).requires_grad_(True)

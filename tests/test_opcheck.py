@@ -5,12 +5,10 @@ import pytest
 import torch
 
 from helpers import make_input
+from references import SAMPLE_IDS, SAMPLES
 
 ops = torch.ops.bnext
 
-LAYOUTS = [((4, 3), "contiguous"), ((4, 3, 5), "contiguous"), ((4, 3, 5), "strided"),
-           ((2, 3, 4, 5), "contiguous"), ((2, 3, 4, 5), "channels_last"),
-           ((2, 3, 2, 3, 4), "channels_last")]
 DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64),
           (torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
 
@@ -26,7 +24,7 @@ def _args(shape, layout, dtype, pdtype, device, requires_grad):
 
 
 @pytest.mark.parametrize("dtypes", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,layout", LAYOUTS, ids=str)
+@pytest.mark.parametrize("shape,layout", SAMPLES, ids=SAMPLE_IDS)
 def test_opcheck_train(shape, layout, dtypes, device):
     x, w, b, _, _ = _args(shape, layout, *dtypes, device, True)
     torch.library.opcheck(ops.batch_norm_train.default, (x, w, b, 1e-5))
@@ -34,7 +32,7 @@ def test_opcheck_train(shape, layout, dtypes, device):
 
 
 @pytest.mark.parametrize("dtypes", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,layout", LAYOUTS, ids=str)
+@pytest.mark.parametrize("shape,layout", SAMPLES, ids=SAMPLE_IDS)
 def test_opcheck_eval(shape, layout, dtypes, device):
     x, w, b, rm, rv = _args(shape, layout, *dtypes, device, True)
     torch.library.opcheck(ops.batch_norm_eval.default, (x, rm, rv, w, b, 1e-5))
@@ -54,7 +52,7 @@ def test_opcheck_update_running_stats(momentum, device):
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("mask", [[True, True, True], [True, False, False], [False, True, True]], ids=str)
 @pytest.mark.parametrize("dtypes", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,layout", LAYOUTS, ids=str)
+@pytest.mark.parametrize("shape,layout", SAMPLES, ids=SAMPLE_IDS)
 def test_opcheck_backward(shape, layout, dtypes, mask, train, device):
     x, w, b, rm, rv = _args(shape, layout, *dtypes, device, False)
     dy = make_input(shape, "contiguous", x.dtype, device)  # layout may differ from x

@@ -6,20 +6,11 @@ import torch
 
 import bnext
 from helpers import DTYPES, assert_close, dtype_id, make_input, reference_dtype
-from references import CONFIGS, buffers_match, config_id, module_pair, step_and_compare
+from references import (CONFIGS, MODULES, SAMPLES, buffers_match, config_id, module_pair,
+                        step_and_compare)
 
-# (bnext class, torch class, input shape, layout)
-CASES = [
-    (bnext.BatchNorm1d, torch.nn.BatchNorm1d, (16, 6), "contiguous"),
-    (bnext.BatchNorm1d, torch.nn.BatchNorm1d, (8, 6), "strided"),
-    (bnext.BatchNorm1d, torch.nn.BatchNorm1d, (4, 6, 9), "contiguous"),
-    (bnext.BatchNorm1d, torch.nn.BatchNorm1d, (4, 6, 9), "strided"),
-    (bnext.BatchNorm2d, torch.nn.BatchNorm2d, (4, 6, 5, 7), "contiguous"),
-    (bnext.BatchNorm2d, torch.nn.BatchNorm2d, (4, 6, 5, 7), "channels_last"),
-    (bnext.BatchNorm2d, torch.nn.BatchNorm2d, (3, 6, 4, 5), "strided"),
-    (bnext.BatchNorm3d, torch.nn.BatchNorm3d, (2, 6, 3, 4, 5), "contiguous"),
-    (bnext.BatchNorm3d, torch.nn.BatchNorm3d, (2, 6, 3, 4, 5), "channels_last"),
-]
+# (bnext class, torch class, input shape, layout), one per sample input.
+CASES = [(*MODULES[len(shape)], shape, layout) for shape, layout in SAMPLES]
 
 
 def case_id(case):

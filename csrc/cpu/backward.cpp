@@ -294,21 +294,21 @@ void backward_elementwise(
     const at::Tensor& x,
     const at::Tensor& mean,
     const at::Tensor& a,
-    const at::Tensor& b,
-    const at::Tensor& c,
+    const at::Tensor& bx,
+    const at::Tensor& k,
     bool use_x,
     at::Tensor& dx) {
   if (use_x && dy.scalar_type() == at::kFloat && a.scalar_type() == at::kDouble) {
-    backward_elementwise_f32_exact(dy, x, mean, a, b, c, dx);
+    backward_elementwise_f32_exact(dy, x, mean, a, bx, k, dx);
     return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, dy.scalar_type(), "bnext_backward_elementwise",
       [&] {
         if (use_x) {
-          backward_elementwise_impl<scalar_t, true>(dy, x, mean, a, b, c, dx);
+          backward_elementwise_impl<scalar_t, true>(dy, x, mean, a, bx, k, dx);
         } else {
-          backward_elementwise_impl<scalar_t, false>(dy, x, mean, a, b, c, dx);
+          backward_elementwise_impl<scalar_t, false>(dy, x, mean, a, bx, k, dx);
         }
       });
 }

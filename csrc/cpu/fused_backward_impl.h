@@ -21,7 +21,7 @@
 namespace bnext::cpu::act_backward_detail {
 
 // Rebuilds g = dy * act'(z) and t for one step.
-template <typename scalar_t, Act A, bool kFromOutput, bool kResidual>
+template <typename scalar_t, Act A, bool kSavedIsOutput, bool kResidual>
 struct GradTerms {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
@@ -30,7 +30,7 @@ struct GradTerms {
   static constexpr int P = IO::kParts;
   static constexpr bool kRes = kResidual;
   // From the input: m_hi, alpha, beta. From the output: bias.
-  using Coefs = ChannelCoefs<acc_t, kFromOutput ? 1 : 3, P>;
+  using Coefs = ChannelCoefs<acc_t, kSavedIsOutput ? 1 : 3, P>;
   using Set = typename Coefs::Set;
 
   const scalar_t* dyp;
@@ -44,7 +44,7 @@ struct GradTerms {
         sp(src.saved.const_data_ptr<scalar_t>()),
         rp(kRes ? src.residual.const_data_ptr<scalar_t>() : nullptr),
         slope(static_cast<acc_t>(src.spec.negative_slope)) {
-    if constexpr (kFromOutput) {
+    if constexpr (kSavedIsOutput) {
       coefs = Coefs{{src.beta.const_data_ptr<acc_t>()}};
     } else {
       coefs = Coefs{{src.mean_hi.const_data_ptr<acc_t>(), src.alpha.const_data_ptr<acc_t>(),
@@ -65,7 +65,7 @@ struct GradTerms {
   BNEXT_STEP void t_only(int64_t i, int64_t n, const Set& s, V* t) const {
     V sv[P], r[P];
     IO::load_n(sp + i, sv, n);
-    if constexpr (kFromOutput) {
+    if constexpr (kSavedIsOutput) {
       if constexpr (kRes) IO::load_n(rp + i, r, n);
       centred_from_output(sv, r, s, t);
     } else {
@@ -79,7 +79,7 @@ struct GradTerms {
     IO::load_n(dyp + i, d, n);
     IO::load_n(sp + i, sv, n);
     if constexpr (kRes) IO::load_n(rp + i, r, n);
-    if constexpr (kFromOutput) {
+    if constexpr (kSavedIsOutput) {
       centred_from_output(sv, r, s, t);
 #pragma GCC unroll 4
       for (int j = 0; j < P; ++j) g[j] = Fn::vjp_at_output(d[j], sv[j], slope);
@@ -110,14 +110,14 @@ auto reduce_step(const Terms& terms, at::Tensor& grad_residual) {
   };
 }
 
-template <typename scalar_t, Act A, bool kFromOutput, bool kRes>
+template <typename scalar_t, Act A, bool kSavedIsOutput, bool kRes>
 void reduce_impl(
     const at::Tensor& dy,
     const GradSource& src,
     at::Tensor& grad_residual,
     at::Tensor& sum_g,
     at::Tensor& sum_gt) {
-  using Terms = GradTerms<scalar_t, A, kFromOutput, kRes>;
+  using Terms = GradTerms<scalar_t, A, kSavedIsOutput, kRes>;
   using IO = typename Terms::IO;
   using V = typename Terms::V;
   const Terms terms(dy, src);
@@ -180,7 +180,7 @@ auto elementwise_step(const Terms& terms, const at::Tensor& grad_residual, at::T
   };
 }
 
-template <typename scalar_t, Act A, bool kFromOutput, bool kRes>
+template <typename scalar_t, Act A, bool kSavedIsOutput, bool kRes>
 void elementwise_impl(
     const at::Tensor& dy,
     const GradSource& src,
@@ -189,7 +189,7 @@ void elementwise_impl(
     const at::Tensor& B_t,
     const at::Tensor& K_t,
     at::Tensor& dx) {
-  using Terms = GradTerms<scalar_t, A, kFromOutput, kRes>;
+  using Terms = GradTerms<scalar_t, A, kSavedIsOutput, kRes>;
   using Coefs = ElementwiseCoefs<Terms>;
   const Terms terms(dy, src);
   const Coefs coefs{terms.coefs,
@@ -205,7 +205,7 @@ void elementwise_impl(
 // or false where it does not apply. Per channel, as the two-pass path
 // computes them: sum g * t scaled by x_per_t (from the output), then
 // channel_backward, with B scaled by x_per_t.
-template <typename scalar_t, Act A, bool kFromOutput, bool kRes>
+template <typename scalar_t, Act A, bool kSavedIsOutput, bool kRes>
 bool resident_impl(
     const at::Tensor& dy,
     const GradSource& src,
@@ -214,7 +214,7 @@ bool resident_impl(
     at::Tensor& sum_g,
     at::Tensor& sum_gt,
     at::Tensor& dx) {
-  using Terms = GradTerms<scalar_t, A, kFromOutput, kRes>;
+  using Terms = GradTerms<scalar_t, A, kSavedIsOutput, kRes>;
   using IO = typename Terms::IO;
   using acc_t = typename Terms::acc_t;
   const ChannelLayout L = make_layout(src.saved);
@@ -230,8 +230,8 @@ bool resident_impl(
   const double* m = st.mean.const_data_ptr<double>();
   const acc_t* is = st.invstd.const_data_ptr<acc_t>();
   const acc_t* w = st.w.const_data_ptr<acc_t>();
-  const double* xpt = kFromOutput ? st.x_per_t.const_data_ptr<double>() : nullptr;
-  const acc_t* mh = kFromOutput ? nullptr : src.mean_hi.const_data_ptr<acc_t>();
+  const double* xpt = kSavedIsOutput ? st.x_per_t.const_data_ptr<double>() : nullptr;
+  const acc_t* mh = kSavedIsOutput ? nullptr : src.mean_hi.const_data_ptr<acc_t>();
   double* psg = sum_g.mutable_data_ptr<double>();
   double* psgt = sum_gt.mutable_data_ptr<double>();
   std::vector<double> coef(static_cast<size_t>(3 * C));
@@ -244,14 +244,14 @@ bool resident_impl(
     double s[kResidentMaxChannels], sx[kResidentMaxChannels];
     block_pair_sums<IO>(L, terms.coefs, rstep, c0, c1, s, sx);
     for (int64_t c = c0; c < c1; ++c) {
-      const double sgt = kFromOutput ? sx[c - c0] * xpt[c] : sx[c - c0];
+      const double sgt = kSavedIsOutput ? sx[c - c0] * xpt[c] : sx[c - c0];
       psg[c] = s[c - c0];
       psgt[c] = sgt;
-      const double centre = kFromOutput ? m[c] : static_cast<double>(mh[c]);
+      const double centre = kSavedIsOutput ? m[c] : static_cast<double>(mh[c]);
       const ChannelBackward r =
           channel_backward(m[c], centre, centre, is[c], w[c], s[c - c0], sgt, inv_n, true);
       pa[c] = r.a;
-      pb[c] = kFromOutput ? r.b * xpt[c] : r.b;
+      pb[c] = kSavedIsOutput ? r.b * xpt[c] : r.b;
       pk[c] = r.k;
     }
   };
@@ -263,14 +263,14 @@ bool resident_impl(
   return true;
 }
 
-// Calls fn.template operator()<scalar_t, A, kFromOutput, kRes>() for the
+// Calls fn.template operator()<scalar_t, A, kSavedIsOutput, kRes>() for the
 // runtime dtype and source, with or without a residual as kRes says;
 // memory_saving instantiates the invertible activations only.
 template <bool kRes, typename Fn>
 void dispatch_source_for(const at::Tensor& dy, const GradSource& src, Fn&& fn) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, dy.scalar_type(), "bnext_act_backward", [&] {
-        if (src.from_output) {
+        if (src.saved_is_output) {
           dispatch_invertible_act(src.spec.act, [&](auto a) {
             fn.template operator()<scalar_t, decltype(a)::value, true, kRes>();
           });

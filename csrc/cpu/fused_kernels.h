@@ -33,8 +33,8 @@ void normalize_act(
 // Coefficients that rebuild g and t: m_hi, alpha, beta as in the forward
 // (from the input), or only `bias` (from the output; m_hi/alpha unused).
 struct GradSource {
-  const at::Tensor& saved;  // x, or y when from_output
-  bool from_output;
+  const at::Tensor& saved;  // x, or y when saved_is_output (memory_saving)
+  bool saved_is_output;
   const at::Tensor& residual;  // may be undefined
   const at::Tensor& mean_hi;
   const at::Tensor& alpha;
@@ -75,7 +75,8 @@ bool act_backward_resident(
     at::Tensor& sum_gt,
     at::Tensor& dx);
 
-// dx = g * A + t * B + K with (C,) float64 A, B, K. With a residual, g is
+// dx = g * A + t * B + K with (C,) float64 A, B, K (BackwardCoeffs' a, bx, k,
+// channel_math.h, in the fused ops' terms g and t). With a residual, g is
 // read from `grad_residual` (pass 1 wrote it; required then) for float and
 // double, and recomputed for half types.
 void act_backward_elementwise(

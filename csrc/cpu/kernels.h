@@ -39,16 +39,17 @@ bool backward_resident(
     at::Tensor& sum_dy_xmu,
     at::Tensor& dx);
 
-// dx = dy * a + (x - mean) * b + c, channel-wise. float32 input with float64
-// mean/a/b/c is evaluated in double per element. (b, c may be zero: then x is
-// not read when `use_x` is false).
+// dx = dy * a + (x - mean) * bx + k, channel-wise: the a, bx, k of
+// BackwardCoeffs (channel_math.h). float32 input with float64 mean/a/bx/k is
+// evaluated in double per element. (bx, k may be zero: then x is not read
+// when `use_x` is false).
 void backward_elementwise(
     const at::Tensor& dy,
     const at::Tensor& x,
     const at::Tensor& mean,
     const at::Tensor& a,
-    const at::Tensor& b,
-    const at::Tensor& c,
+    const at::Tensor& bx,
+    const at::Tensor& k,
     bool use_x,
     at::Tensor& dx);
 

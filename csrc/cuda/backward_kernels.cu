@@ -37,8 +37,8 @@ struct ChannelStats {
   // What rebuilds z and t: from the input, the forward's own mean_hi, alpha
   // and beta (so z, and every relu mask, is bit-identical to the forward's);
   // from the output, beta = bias (t = act^-1(y) - r - bias).
-  __device__ __forceinline__ void rebuild(int64_t c, bool from_output, A& mh, A& al, A& be) const {
-    if (from_output) {
+  __device__ __forceinline__ void rebuild(int64_t c, bool saved_is_output, A& mh, A& al, A& be) const {
+    if (saved_is_output) {
       mh = A(0);
       al = A(1);
       be = b(c);
@@ -52,18 +52,18 @@ struct ChannelStats {
 };
 
 // t and g of one pack, lane e using coefficients (mh, al, be)[e].
-template <typename T, int kVec, Act kAct, bool kFromOutput>
+template <typename T, int kVec, Act kAct, bool kSavedIsOutput>
 struct GradTerms {
   using A = acc_of<T>;
   using Fn = ActFn<kAct, A>;
-  static constexpr bool kNeedsSaved = kFromOutput || kAct != Act::Identity;
+  static constexpr bool kNeedsSaved = kSavedIsOutput || kAct != Act::Identity;
 
   __device__ __forceinline__ static void centred(
       const A (&s)[kVec], const A (&r)[kVec], bool has_residual, const A (&mh)[kVec],
       const A (&be)[kVec], A slope, A (&t)[kVec]) {
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      if constexpr (kFromOutput) {
+      if constexpr (kSavedIsOutput) {
         A u = Fn::inverse(s[e], slope);
         if (has_residual) u -= r[e];
         t[e] = u - be[e];
@@ -79,7 +79,7 @@ struct GradTerms {
       const A (&t)[kVec], const A (&al)[kVec], const A (&be)[kVec], A slope, A (&g)[kVec]) {
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      if constexpr (kFromOutput) {
+      if constexpr (kSavedIsOutput) {
         g[e] = Fn::vjp_at_output(dy[e], s[e], slope);
       } else if constexpr (kAct == Act::Identity) {
         g[e] = dy[e];
@@ -132,17 +132,17 @@ __device__ void block_sum2(A& a, A& b) {
 }
 
 // Planar: block (c, split) over vectors [begin, end) of channel c.
-template <typename T, int kVec, Act kAct, bool kFromOutput>
+template <typename T, int kVec, Act kAct, bool kSavedIsOutput>
 __global__ void __launch_bounds__(kThreads) reduce_planar_kernel(
     ReduceArgs<T> a, int64_t C, int64_t SV, int64_t vecs, int64_t chunk) {
   using A = acc_of<T>;
-  using Terms = GradTerms<T, kVec, kAct, kFromOutput>;
+  using Terms = GradTerms<T, kVec, kAct, kSavedIsOutput>;
   const int64_t c = blockIdx.x;
   const int64_t split = blockIdx.y;
   const int64_t begin = split * chunk;
   const int64_t end = begin + chunk < vecs ? begin + chunk : vecs;
   A mh[kVec], al[kVec], be[kVec];
-  a.st.rebuild(c, kFromOutput, mh[0], al[0], be[0]);
+  a.st.rebuild(c, kSavedIsOutput, mh[0], al[0], be[0]);
 #pragma unroll
   for (int e = 1; e < kVec; ++e) {
     mh[e] = mh[0];
@@ -174,11 +174,11 @@ __global__ void __launch_bounds__(kThreads) reduce_planar_kernel(
 }
 
 // Channels-inner: (tx, ty) blocks as the statistics pass.
-template <typename T, int kVec, Act kAct, bool kFromOutput>
+template <typename T, int kVec, Act kAct, bool kSavedIsOutput>
 __global__ void __launch_bounds__(kThreads) reduce_inner_kernel(
     ReduceArgs<T> a, int64_t rows, int64_t CV, int64_t rows_per_split) {
   using A = acc_of<T>;
-  using Terms = GradTerms<T, kVec, kAct, kFromOutput>;
+  using Terms = GradTerms<T, kVec, kAct, kSavedIsOutput>;
   __shared__ A s_g[kThreads * kVec];
   __shared__ A s_gt[kThreads * kVec];
   const int tx = blockDim.x;
@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) reduce_inner_kernel(
   if (cv < CV) {
     A mh[kVec], al[kVec], be[kVec];
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) a.st.rebuild(cv * kVec + e, kFromOutput, mh[e], al[e], be[e]);
+    for (int e = 0; e < kVec; ++e) a.st.rebuild(cv * kVec + e, kSavedIsOutput, mh[e], al[e], be[e]);
     const bool has_res = a.residual != nullptr;
     for (int64_t r = r0 + threadIdx.y; r < r1; r += ty) {
       const int64_t off = (r * CV + cv) * kVec;
@@ -250,7 +250,7 @@ __global__ void backward_finalize_kernel(
     const A* __restrict__ part_g,
     const A* __restrict__ part_gt,
     ChannelStats<A> st,
-    bool from_output,
+    bool saved_is_output,
     bool train,
     double count,
     A* __restrict__ grad_weight,
@@ -273,16 +273,16 @@ __global__ void backward_finalize_kernel(
     count = phase.count_in[c];
   }
   A mh, al, be;
-  st.rebuild(c, from_output, mh, al, be);
+  st.rebuild(c, saved_is_output, mh, al, be);
   const double m = st.mean[c];
   const double is = static_cast<double>(st.invstd(c));
   const double w = static_cast<double>(st.w(c));
-  if (from_output) {
+  if (saved_is_output) {
     BNEXT_DEVICE_REQUIRE(w != 0.0, BNEXT_MEMORY_SAVING_ZERO_WEIGHT);
   }
   // sum g * (x - mean): t is x - mh (from the input) or (x - mean) / x_per_t.
-  const double x_per_t = from_output ? 1.0 / (w * is) : 1.0;
-  const double sx = from_output ? sgt * x_per_t : sgt - (m - static_cast<double>(mh)) * s;
+  const double x_per_t = saved_is_output ? 1.0 / (w * is) : 1.0;
+  const double sx = saved_is_output ? sgt * x_per_t : sgt - (m - static_cast<double>(mh)) * s;
   if (grad_weight != nullptr) grad_weight[c] = static_cast<A>(sx * is);
   if (grad_bias != nullptr) grad_bias[c] = static_cast<A>(s);
   if (phase.sums_out != nullptr) {
@@ -294,7 +294,7 @@ __global__ void backward_finalize_kernel(
     // dx = w*invstd*(g - mean(g) - (x - mean)*invstd^2*mean(g*(x - mean)))
     const double inv_n = 1.0 / count;
     const double bx = -w * is * is * is * sx * inv_n;
-    K = -w * is * s * inv_n - (from_output ? 0.0 : (m - static_cast<double>(mh)) * bx);
+    K = -w * is * s * inv_n - (saved_is_output ? 0.0 : (m - static_cast<double>(mh)) * bx);
     B = bx * x_per_t;
   }
   coef[c] = static_cast<A>(w * is);
@@ -307,7 +307,7 @@ __global__ void backward_finalize_kernel(
 
 // grad_input = g * A + t * B + K. g is read from g_in (pass 1's
 // grad_residual, exact dtypes only) or rebuilt; t is needed only in training.
-template <typename T, int kVec, Act kAct, bool kFromOutput>
+template <typename T, int kVec, Act kAct, bool kSavedIsOutput>
 __global__ void __launch_bounds__(kThreads) backward_apply_kernel(
     const T* __restrict__ dy,
     const T* __restrict__ saved,
@@ -323,7 +323,7 @@ __global__ void __launch_bounds__(kThreads) backward_apply_kernel(
     bool train,
     acc_of<T> slope) {
   using A = acc_of<T>;
-  using Terms = GradTerms<T, kVec, kAct, kFromOutput>;
+  using Terms = GradTerms<T, kVec, kAct, kSavedIsOutput>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const bool has_res = residual != nullptr;
   const bool need_saved = train || (g_in == nullptr && Terms::kNeedsSaved);
@@ -365,7 +365,7 @@ __global__ void __launch_bounds__(kThreads) backward_apply_kernel(
     if (need_saved) {
       load_acc<T, kVec>(saved + j * kVec, s);
       // The residual enters t (from the output) or z (rebuilt g) only.
-      if (has_res && (kFromOutput || g_in == nullptr)) load_acc<T, kVec>(residual + j * kVec, r);
+      if (has_res && (kSavedIsOutput || g_in == nullptr)) load_acc<T, kVec>(residual + j * kVec, r);
     }
     Terms::centred(s, r, has_res, mh, be, slope, t);
     if (g_in == nullptr) {
@@ -385,8 +385,8 @@ __global__ void __launch_bounds__(kThreads) backward_apply_kernel(
 // Dispatches the activation; memory_saving (from the output) only has the
 // invertible ones.
 template <typename Fn>
-cudaError_t dispatch_backward_act(Act act, bool from_output, Fn&& fn) {
-  if (from_output) {
+cudaError_t dispatch_backward_act(Act act, bool saved_is_output, Fn&& fn) {
+  if (saved_is_output) {
     return dispatch_invertible_act(act, [&](auto act_tag) {
       return fn(act_tag, std::true_type{});
     });
@@ -420,9 +420,9 @@ cudaError_t launch_batch_norm_backward(
         {a.grad_output, a.saved, a.residual, a.grad_input, a.grad_residual});
     return dispatch_vec<T>(vec, [&](auto vec_tag) {
       constexpr int kVec = decltype(vec_tag)::value;
-      return dispatch_backward_act(a.act, a.saved_is_output, [&](auto act_tag, auto from_tag) {
+      return dispatch_backward_act(a.act, a.saved_is_output, [&](auto act_tag, auto saved_is_output_tag) {
         constexpr Act kAct = decltype(act_tag)::value;
-        constexpr bool kFromOutput = decltype(from_tag)::value;
+        constexpr bool kSavedIsOutput = decltype(saved_is_output_tag)::value;
         const ChannelStats<A> st{a.mean, static_cast<const A*>(a.invstd_or_var),
                                  a.invstd_from_var, static_cast<A>(a.eps),
                                  static_cast<const A*>(a.weight), static_cast<const A*>(a.bias)};
@@ -445,10 +445,10 @@ cudaError_t launch_batch_norm_backward(
                                  static_cast<T*>(a.grad_residual),
                                  st, slope, part_g, part_gt};
           if (!shape.channels_inner) {
-            reduce_planar_kernel<T, kVec, kAct, kFromOutput><<<g.grid, g.block, 0, stream>>>(
+            reduce_planar_kernel<T, kVec, kAct, kSavedIsOutput><<<g.grid, g.block, 0, stream>>>(
                 ra, shape.C, shape.S / kVec, shape.N * (shape.S / kVec), g.per_split);
           } else {
-            reduce_inner_kernel<T, kVec, kAct, kFromOutput><<<g.grid, g.block, 0, stream>>>(
+            reduce_inner_kernel<T, kVec, kAct, kSavedIsOutput><<<g.grid, g.block, 0, stream>>>(
                 ra, shape.count(), shape.C / kVec, g.per_split);
           }
           const cudaError_t err = cudaGetLastError();
@@ -458,7 +458,7 @@ cudaError_t launch_batch_norm_backward(
         }
         const unsigned fin_blocks = static_cast<unsigned>((shape.C + kThreads - 1) / kThreads);
         backward_finalize_kernel<A><<<fin_blocks, kThreads, 0, stream>>>(
-            shape.C, g.splits, part_g, part_gt, st, kFromOutput, a.train,
+            shape.C, g.splits, part_g, part_gt, st, kSavedIsOutput, a.train,
             static_cast<double>(shape.count()), static_cast<A*>(a.grad_weight),
             static_cast<A*>(a.grad_bias), coef, PhaseSums{a.sums_out, a.sums_in, a.count_in});
         cudaError_t err = cudaGetLastError();
@@ -470,7 +470,7 @@ cudaError_t launch_batch_norm_backward(
         const void* g_src = a.g_in != nullptr ? a.g_in : a.grad_residual;
         const T* g_in = kExact ? static_cast<const T*>(g_src) : nullptr;
         const int64_t nvec = shape.numel() / kVec;
-        backward_apply_kernel<T, kVec, kAct, kFromOutput>
+        backward_apply_kernel<T, kVec, kAct, kSavedIsOutput>
             <<<elementwise_blocks(nvec), kThreads, 0, stream>>>(
                 static_cast<const T*>(a.grad_output), static_cast<const T*>(a.saved),
                 static_cast<const T*>(a.residual), g_in, static_cast<T*>(a.grad_input),
