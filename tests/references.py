@@ -118,6 +118,12 @@ ACTS = {
     "gelu_tanh": lambda z, s: F.gelu(z, approximate="tanh"),
 }
 INVERTIBLE = ("identity", "leaky_relu", "elu")
+# The fused family's sample cases, (activation, memory_saving): every
+# activation, and memory_saving with each invertible one. Reference
+# comparisons and gradcheck (test_batchnorm_act) and opcheck
+# (test_batchnorm_act_ops) run over this one list.
+ACT_CASES = [(a, ms) for a in ACTS for ms in ((False, True) if a in INVERTIBLE else (False,))]
+ACT_CASE_IDS = [f"{a}{'-ms' if ms else ''}" for a, ms in ACT_CASES]
 CLASSES = {2: bnext.BatchNormAct1d, 3: bnext.BatchNormAct1d, 4: bnext.BatchNormAct2d,
            5: bnext.BatchNormAct3d}
 TORCH = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,

@@ -7,13 +7,10 @@ import torch
 
 import bnext
 from helpers import assert_close
-from references import ACTS, INVERTIBLE, act_pair, compare_act_steps
-
-CASES = [(a, ms) for a in ACTS for ms in ((False, True) if a in INVERTIBLE else (False,))]
+from references import ACT_CASE_IDS, ACT_CASES, ACTS, act_pair, compare_act_steps
 
 
-@pytest.mark.parametrize("activation,memory_saving", CASES,
-                         ids=[f"{a}{'-ms' if ms else ''}" for a, ms in CASES])
+@pytest.mark.parametrize("activation,memory_saving", ACT_CASES, ids=ACT_CASE_IDS)
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -59,8 +56,7 @@ def test_reduced_precision(activation, dtypes, layout, device):
     compare_act_steps(m, ref, shape, layout, activation, 0.01, dtype, device, True)
 
 
-@pytest.mark.parametrize("activation,memory_saving", CASES,
-                         ids=[f"{a}{'-ms' if ms else ''}" for a, ms in CASES])
+@pytest.mark.parametrize("activation,memory_saving", ACT_CASES, ids=ACT_CASE_IDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck(activation, memory_saving, training, device):
     kw = dict(device=device, dtype=torch.float64)

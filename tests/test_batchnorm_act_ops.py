@@ -6,6 +6,7 @@ import torch
 
 import bnext
 from helpers import FORBIDDEN, RecordOps, aten_base
+from references import ACT_CASE_IDS, ACT_CASES
 
 ops = bnext.ops
 
@@ -25,8 +26,7 @@ def _args(layout, dtype=torch.float32, pdtype=None, requires_grad=True, residual
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("activation,memory_saving",
-                         [("relu", False), ("gelu_tanh", False), ("leaky_relu", True)])
+@pytest.mark.parametrize("activation,memory_saving", ACT_CASES, ids=ACT_CASE_IDS)
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("dtypes", [(torch.float32, None), (torch.bfloat16, torch.float32)],
                          ids=["f32", "bf16-f32params"])
