@@ -266,6 +266,9 @@ BNEXT_STEP void flat_plane_steps(
 // step through a buffer cost as much as the rest of a 7x7 bf16 plane).
 // Overlapped elements are computed twice from the same inputs, so a step
 // must never write memory it reads (every caller writes a fresh output).
+// Longer than a screen for the reason reduce_steps is: its walks (planar
+// runs, flat streamed planes, paired rows) are lambdas over the same local
+// step and coefficient copies, chosen once at the end.
 template <int64_t K, typename Coefs, typename Step>
 void elementwise_steps(
     const ChannelLayout& L, const Coefs& coefs, StepOutput out, Step&& step) {
