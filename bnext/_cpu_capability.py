@@ -127,7 +127,7 @@ def set_cpu_tuning(name, value):
     """
     if name not in _CHOICES:
         raise ValueError(f"set_cpu_tuning: name must be one of {', '.join(_CHOICES)}, got {name!r}")
-    if value not in (None, False, True) or (value is not None and not isinstance(value, bool)):
+    if value is not None and not isinstance(value, bool):
         raise ValueError(f"set_cpu_tuning: value must be True, False or None, got {value!r}")
     previous = _C._set_cpu_forced_choice(_CHOICES[name], _VALUES[value])
     if value is None:

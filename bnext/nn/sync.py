@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from .._ops import ops
+from .._ops.common import cast_like
 from ._replace import replace_modules, retyped
 from .batchnorm_act import _BatchNormAct
 from .batchnorm import _BatchNormForward
@@ -55,8 +56,7 @@ class _SyncElemtFn(torch.autograd.Function):
             grad_input = ops.batch_norm_backward_elemt(
                 grad_output, input, mean, invstd, weight, bias, residual, grad_residual, sums,
                 count, ctx.activation, ctx.negative_slope)
-        if grad_bias is not None and grad_bias.dtype != bias.dtype:
-            grad_bias = grad_bias.to(bias.dtype)  # a bias-only layer: see _autograd._cast_like
+        grad_bias = cast_like(grad_bias, bias)
         if not needs[3]:
             grad_residual = None
         return (grad_input, grad_weight, grad_bias, grad_residual,
