@@ -7,9 +7,12 @@
 namespace bnext {
 
 Act parse_activation(std::string_view name) {
-  std::string expected;
   for (size_t i = 0; i < std::size(kActivationNames); ++i) {
     if (name == kActivationNames[i]) return static_cast<Act>(i);
+  }
+  // The list of names is built only here: every fused op call parses.
+  std::string expected;
+  for (size_t i = 0; i < std::size(kActivationNames); ++i) {
     expected += (i ? ", " : "") + std::string(kActivationNames[i]);
   }
   TORCH_CHECK_VALUE(false, "bnext: unknown activation '", std::string(name),

@@ -176,25 +176,12 @@ Tensor batch_norm_act_train_step(
       eps, activation, negative_slope, memory_saving));
 }
 
-void check_batch_norm_call_op(
-    const Tensor& input,
-    const optional<Tensor>& weight,
-    const optional<Tensor>& bias,
-    const optional<Tensor>& running_mean,
-    const optional<Tensor>& running_var,
-    const optional<Tensor>& num_batches_tracked,
-    bool training,
-    double eps) {
-  check_batch_norm_call(
-      input, weight, bias, running_mean, running_var, num_batches_tracked, training, eps);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnext, CompositeExplicitAutograd, m) {
   m.impl("batch_norm_train_step", &batch_norm_train_step);
   m.impl("batch_norm_act_train_step", &batch_norm_act_train_step);
-  m.impl("check_batch_norm_call", &check_batch_norm_call_op);
+  m.impl("check_batch_norm_call", &check_batch_norm_call);  // checks.h
 }
 
 }  // namespace bnext
